@@ -1,0 +1,352 @@
+"""ThanoRA (Liang et al. 2025): task-specific LoRA subspaces allocated at initialization, kept apart.
+
+**A reconstruction.** Only the abstract and the method figure could be read (``docs/methods.md`` §1), so the
+choices below are options, and the defaults are our reading, not the paper's verified recipe:
+
+- Each adapted linear has one LoRA of total rank ``r`` split into per-task blocks (A_t, B_t) of rank r_t,
+  sum r_t = r. The forward is plain LoRA (h = W0 x + s B A x), so the model merges once, globally, and
+  inference needs no task id.
+- ``model.calibrate(batches)`` sets the blocks' ranks per layer from each task's normalized singular-value
+  entropy H_t of a statistic of that layer (``complexity='activations'``: the layer's input tokens;
+  ``'gradients'``: the task's accumulated gradient of the frozen weight): r_t = round(r H_t / sum_u H_u),
+  r_t >= ``min_rank``, rounding fixed so the ranks sum to r. The allocation lives in a buffer, is saved with the
+  adapter and prints as a per-layer table (``allocation_table``).
+- ``block_init``: ``'data'`` (default) starts A_t from the top-r_t right singular vectors of task t's
+  statistic, orthogonalized across blocks in task order; ``'orthogonal'`` draws all rows from one random
+  orthonormal basis; ``'kaiming'`` is LoRA's init. Rows are scaled to Kaiming's expected row norm; B = 0.
+- The subspace-preserving regularizer is the block-orthogonality penalty
+  sum_{i<j} ||A_i A_j^T||_F^2 + ||B_i^T B_j||_F^2 per layer (``ortho_normalize`` uses unit rows/columns),
+  averaged over layers, weight ``ortho_weight``.
+- ``train_mode='shared'`` (default): every sample goes through every block; ``'task_masked'``: in training a
+  sample of task t uses only block t (needs task ids in training; inference still uses all blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
+
+KAIMING_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of kaiming_uniform(a=sqrt(5)) rows
+
+
+@dataclass
+class ThanoRAConfig(AdapterConfig):
+    """ThanoRA (reconstruction): per-task rank blocks allocated by SV entropy, block-orthogonality regularizer."""
+
+    method = "thanora"
+    complexity: str = field(default="activations", metadata={
+        "help": "Calibration statistic whose normalized SV entropy sets each task's rank: 'activations' (layer "
+                "inputs) or 'gradients' (accumulated gradient of the frozen weight)."})
+    block_init: str = field(default="data", metadata={
+        "help": "'data': A_t from task t's top singular vectors (orthogonalized across blocks); 'orthogonal': "
+                "one random orthonormal basis; 'kaiming': LoRA's init."})
+    ortho_weight: float = field(default=0.01, metadata={"help": "Weight of the block-orthogonality regularizer."})
+    ortho_normalize: bool = field(default=False, metadata={
+        "help": "Use unit-norm rows of A and columns of B in the regularizer, so only directions count."})
+    train_mode: str = field(default="shared", metadata={
+        "help": "'shared': all samples use all blocks; 'task_masked': a sample trains only its task's block."})
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank a task's block may get."})
+    calibration_tokens: int = field(default=512, metadata={
+        "help": "Tokens per task and layer kept for the activation statistic (a random subset beyond that)."})
+
+    def validate(self) -> None:
+        super().validate()
+        choices = {"complexity": ("activations", "gradients"), "block_init": ("data", "orthogonal", "kaiming"),
+                   "train_mode": ("shared", "task_masked")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"ThanoRAConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.min_rank < 1:
+            raise ConfigError(f"ThanoRAConfig.min_rank must be >= 1, got {self.min_rank}")
+        if self.tasks and self.r < self.min_rank * len(self.tasks):
+            raise ConfigError(f"ThanoRAConfig.r={self.r} is too small for {len(self.tasks)} tasks with "
+                              f"min_rank={self.min_rank}: r must be >= {self.min_rank * len(self.tasks)}")
+
+    def requires_tasks(self) -> bool:
+        return True
+
+
+def allocate_ranks(scores: list[float], total: int, min_rank: int = 1) -> list[int]:
+    """r_t = round(total * s_t / sum s), each >= min_rank, adjusted (largest remainder) to sum to ``total``."""
+    n = len(scores)
+    if total < n * min_rank:
+        raise ValueError(f"cannot give {n} tasks at least {min_rank} of {total} ranks")
+    s = [max(float(x), 0.0) for x in scores]
+    norm = sum(s)
+    quotas = [total * x / norm for x in s] if norm > 0 else [total / n] * n
+    ranks = [max(min_rank, int(math.floor(q + 0.5))) for q in quotas]
+    while sum(ranks) > total:
+        candidates = [i for i in range(n) if ranks[i] > min_rank]
+        i = min(candidates, key=lambda k: (quotas[k] - ranks[k], -k))
+        ranks[i] -= 1
+    while sum(ranks) < total:
+        i = max(range(n), key=lambda k: (quotas[k] - ranks[k], -k))
+        ranks[i] += 1
+    return ranks
+
+
+def normalized_sv_entropy(singular_values: torch.Tensor) -> float:
+    """-sum p log p / log K with p = sigma / sum(sigma), K the number of singular values; in [0, 1]."""
+    sv = singular_values.double().clamp_min(0)
+    k = sv.numel()
+    if k < 2 or sv.sum() <= 0:
+        return 0.0
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum() / math.log(k))
+
+
+class ThanoRALinear(LinearAdapter):
+    """One LoRA of rank r whose rank coordinates are partitioned into task blocks by ``rank_offsets``."""
+
+    def __init__(self, base_layer: nn.Linear, config: ThanoRAConfig, context: TaskContext, name: str = "") -> None:
+        super().__init__(base_layer, config, context, name)
+        self.num_tasks = len(config.tasks)
+        self.train_mode = config.train_mode
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **self.factory_kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **self.factory_kwargs))
+        self.register_buffer("rank_offsets", torch.zeros(self.num_tasks + 1, dtype=torch.long,
+                                                         device=self.factory_kwargs["device"]))
+        self.register_buffer("task_entropy", torch.zeros(self.num_tasks, dtype=torch.float32,
+                                                         device=self.factory_kwargs["device"]))
+        self.set_allocation(allocate_ranks([1.0] * self.num_tasks, config.r, config.min_rank))
+        if config.block_init == "kaiming":
+            init_down_projection(self.lora_A, config.init, config.r)
+        else:
+            self.init_blocks(None)
+
+    @property
+    def task_ranks(self) -> list[int]:
+        return torch.diff(self.rank_offsets).tolist()
+
+    def set_allocation(self, ranks: list[int]) -> None:
+        """Set the per-task ranks (they must sum to r)."""
+        if sum(ranks) != self.lora_A.shape[0] or min(ranks) < 1:
+            raise ValueError(f"{self.module_name}: ranks {ranks} must be >= 1 and sum to r={self.lora_A.shape[0]}")
+        offsets = torch.tensor([0, *ranks], dtype=torch.long).cumsum(0)
+        self.rank_offsets.copy_(offsets.to(self.rank_offsets.device))
+
+    def block_ids(self) -> torch.Tensor:
+        """The task that owns each rank coordinate, shape (r,)."""
+        ranks = torch.diff(self.rank_offsets)
+        return torch.repeat_interleave(torch.arange(self.num_tasks, device=ranks.device), ranks)
+
+    @torch.no_grad()
+    def init_blocks(self, directions: list[torch.Tensor | None] | None) -> None:
+        """Set A from per-task direction sets (rows; None = random), orthogonalized across blocks in task order."""
+        r, d_in = self.lora_A.shape
+        if self.lora_A.device.type == "meta":
+            return
+        rows = []
+        for t, k in enumerate(self.task_ranks):
+            given = directions[t] if directions is not None else None
+            if given is None or given.shape[0] < k:
+                rows.append(torch.randn(k, d_in, dtype=torch.float64))
+            else:
+                rows.append(given[:k].double().cpu())
+        stacked = torch.cat(rows, 0)
+        if r <= d_in:
+            q, rr = torch.linalg.qr(stacked.T)  # Gram-Schmidt in task order keeps earlier blocks' spans
+            signs = torch.sign(torch.diagonal(rr))
+            signs[signs == 0] = 1
+            stacked = (q * signs).T
+        else:
+            stacked = F.normalize(stacked, dim=1)
+        self.lora_A.copy_((stacked * KAIMING_ROW_NORM).to(self.lora_A))
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        if self.train_mode == "task_masked" and self.training:
+            ids = self.context.require_task_ids(f"ThanoRA task_masked ({self.module_name})", x.shape[0])
+            mask = (self.block_ids()[None, :] == ids[:, None]).to(z.dtype)  # (b, r)
+            z = z * per_sample(mask, z)
+        return F.linear(z, self.lora_B) * self.scale
+
+    def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B * self.scale
+
+    def orthogonality_penalty(self, normalize: bool) -> torch.Tensor:
+        """sum_{i<j} ||A_i A_j^T||_F^2 + ||B_i^T B_j||_F^2 over this layer's task blocks."""
+        a, b = self.lora_A, self.lora_B
+        if normalize:
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-4)
+            b = b / b.norm(dim=0, keepdim=True).clamp_min(1e-4)
+        owner = self.block_ids()
+        cross = (owner[:, None] != owner[None, :]).to(a.dtype)
+        gram_a = a @ a.T
+        gram_b = b.T @ b
+        return 0.5 * ((gram_a**2 * cross).sum() + (gram_b**2 * cross).sum())
+
+
+def _layers(model) -> dict[str, ThanoRALinear]:
+    return {n: m for n, m in model.adapter_layers.items() if isinstance(m, ThanoRALinear)}
+
+
+def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
+    """The block-orthogonality regularizer, averaged over layers."""
+    cfg: ThanoRAConfig = model.adapter_config
+    layers = list(_layers(model).values())
+    value = torch.stack([layer.orthogonality_penalty(cfg.ortho_normalize) for layer in layers]).mean()
+    return {"orthogonality": (value, float(cfg.ortho_weight))}
+
+
+def _batch_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows.shape[0] else v)
+            for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _collect_activations(model, layers: dict[str, ThanoRALinear], batches: list[dict], task: int,
+                         max_tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    mask_holder: dict[str, torch.Tensor | None] = {"mask": None}
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1])
+            m = mask_holder["mask"]
+            if m is not None and x.dim() == 3 and m.shape == x.shape[:2]:
+                flat = flat[m.reshape(-1).bool()]
+            store[name].append(flat.detach().float().cpu())
+        return hook
+
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_pre_hook(make_hook(name)))
+    try:
+        for batch in batches:
+            rows = batch["task_ids"].reshape(-1).cpu() == task
+            if not rows.any():
+                continue
+            sub = _batch_rows(batch, rows)
+            mask_holder["mask"] = sub.get("attention_mask")
+            inputs = {k: v.to(model.device) for k, v in sub.items() if k in ("input_ids", "attention_mask")}
+            model(**inputs, task_ids=sub["task_ids"])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, chunks in store.items():
+        if not chunks:
+            continue
+        x = torch.cat(chunks, 0)
+        if x.shape[0] > max_tokens:
+            x = x[torch.randperm(x.shape[0], generator=generator)[:max_tokens]]
+        out[name] = x
+    return out
+
+
+def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[dict],
+                       task: int) -> dict[str, torch.Tensor]:
+    grads: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+
+            def on_grad(g):
+                contribution = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                grads[name] = grads[name] + contribution if name in grads else contribution
+            if output.requires_grad:
+                output.register_hook(on_grad)
+        return hook
+
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_hook(make_hook(name)))
+    try:
+        for batch in batches:
+            rows = batch["task_ids"].reshape(-1).cpu() == task
+            if not rows.any():
+                continue
+            sub = _batch_rows(batch, rows)
+            if "labels" not in sub:
+                raise ValueError("ThanoRA complexity='gradients' needs calibration batches with labels")
+            inputs = {k: v.to(model.device) for k, v in sub.items() if k in ("input_ids", "attention_mask", "labels")}
+            with torch.enable_grad():
+                out = model.base_model(**inputs)
+                out.loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+def calibrate(model, batches: Iterable[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Allocate each layer's ranks by task SV entropy and initialize the task blocks (before training).
+
+    ``batches``: a few collated batches per task (input_ids, attention_mask, task_ids; labels for gradients).
+    Returns ``{layer: {"ranks": [...], "entropy": [...]}}``.
+    """
+    cfg: ThanoRAConfig = model.adapter_config
+    layers = _layers(model)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("ThanoRA calibration needs at least one batch")
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    entropies: dict[str, list[float]] = {n: [0.0] * len(cfg.tasks) for n in layers}
+    directions: dict[str, list[torch.Tensor | None]] = {n: [None] * len(cfg.tasks) for n in layers}
+    seen = set()
+    for b in batches:
+        seen.update(b["task_ids"].reshape(-1).tolist())
+    missing = [cfg.tasks[t] for t in range(len(cfg.tasks)) if t not in seen]
+    if missing:
+        raise ValueError(f"ThanoRA calibration batches have no samples of tasks {missing}")
+    max_rank = cfg.r
+    for t in range(len(cfg.tasks)):
+        if cfg.complexity == "activations":
+            stats = _collect_activations(model, layers, batches, t, cfg.calibration_tokens, generator)
+        else:
+            stats = _collect_gradients(model, layers, batches, t)
+        for name, m in stats.items():
+            _, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+            entropies[name][t] = normalized_sv_entropy(s)
+            directions[name][t] = vh[:max_rank]
+    report = {}
+    for name, layer in layers.items():
+        ranks = allocate_ranks(entropies[name], cfg.r, cfg.min_rank)
+        layer.set_allocation(ranks)
+        layer.task_entropy.copy_(torch.tensor(entropies[name], dtype=torch.float32))
+        if cfg.block_init == "data":
+            layer.init_blocks(directions[name])
+        elif cfg.block_init == "orthogonal":
+            layer.init_blocks(None)
+        report[name] = {"ranks": ranks, "entropy": entropies[name]}
+    model.train(was_training)
+    return report
+
+
+def allocation_table(model) -> str:
+    """A per-layer Markdown table of each task's rank (and SV entropy)."""
+    tasks = model.adapter_config.tasks
+    lines = ["| layer | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, layer in _layers(model).items():
+        cells = [f"{r} ({h:.3f})" for r, h in zip(layer.task_ranks, layer.task_entropy.tolist())]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def create_layer(base_layer, config: ThanoRAConfig, context: TaskContext, name: str) -> ThanoRALinear:
+    """Wrap one linear with a ThanoRA layer (equal allocation until ``calibrate``)."""
+    return ThanoRALinear(base_layer, config, context, name)
+
+
+register_method(MethodSpec(
+    name="thanora", config_class=ThanoRAConfig, create_layer=create_layer, aux_losses=aux_losses,
+    calibrate=calibrate, describe=allocation_table, merge="global",
+    description="Task rank blocks allocated by SV entropy, block-orthogonality regularizer; merges globally "
+                "(reconstruction).",
+))

