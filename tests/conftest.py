@@ -69,3 +69,58 @@ def data_root() -> Path:
     if not (DATA_ROOT / "bbh").is_dir():
         pytest.skip(f"shared data not found at {DATA_ROOT} (set MTPEFT_DATA_ROOT): real-data tests skipped")
     return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama saved with the real SmolLM2 tokenizer: fast end-to-end training runs."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    model = tf.LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def toy_task_files(folder: Path) -> dict[str, Path]:
+    """Two small generated tasks as JSONL files (a copy task and a parity task)."""
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "tree", "blue", "red", "book", "fish"]
+    copy_rows = [{"input": f"Repeat: {w}", "target": w} for w in (rng.choice(words) for _ in range(40))]
+    parity_rows = []
+    for _ in range(40):
+        n = rng.randint(0, 99)
+        parity_rows.append({"input": f"Is {n} even?", "target": "yes" if n % 2 == 0 else "no"})
+    return {"copy": write_jsonl(folder / "copy.jsonl", copy_rows),
+            "parity": write_jsonl(folder / "parity.jsonl", parity_rows)}
+
+
+def toy_run_config(folder: Path, model_dir: Path, method: str = "lora", **train) -> dict:
+    """A run-config mapping for a fast end-to-end run on the toy tasks."""
+    files = toy_task_files(folder)
+    tasks = [{"name": name, "source": str(path), "prompt": "{input}\nA:", "target": " {target}",
+              "test_size": 8, "metric": "exact_match"} for name, path in files.items()]
+    return {"tasks": tasks, "method": {"method": method, "r": 4, "alpha": 8, "dropout": 0.1},
+            "model": {"name": str(model_dir)},
+            "data": {"max_length": 32},
+            "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "save_every": 2, "log_every": 1, "seed": 3,
+                      "device": "cpu", **train},
+            "eval": {"batch_size": 8, "max_new_tokens": 3},
+            "output_dir": str(folder / "run"), "name": "toy"}

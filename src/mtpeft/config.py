@@ -48,6 +48,11 @@ class AdapterConfig:
         default="all-linear",
     )
     exclude_modules: list[str] = _help("Module-name suffixes never to adapt.", default_factory=list)
+    layers_to_transform: list[int] | None = _help(
+        "Only adapt modules inside these transformer-layer indices (as PEFT); null = every layer. Adapting only "
+        "the top layers also stops backward early, which makes CPU training much cheaper.",
+        default=None,
+    )
     use_rslora: bool = _help("Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.", default=False)
     init: str = _help("Initialization of the down-projection A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or "
                       "'gaussian' (normal, std 1/r). B starts at zero, so the adapted model starts equal to the base.",
@@ -142,6 +147,10 @@ class MethodSpec:
     - ``param_groups(model, lr, weight_decay, **kw)``, ``calibrate(model, batches, **kw)`` and
       ``add_task(model, name, **kw)``, ``describe(model) -> str`` are optional hooks behind the MTModel methods of the same names.
     - ``merge``: 'global' (one merge for all tasks), 'per_task' or 'none' (input-routed; approximate export only).
+    - ``merge_for(config) -> str``: optional; when the merge class depends on the config (MoE-LoRA's task vs
+      token gating) it overrides ``merge`` for that config. ``MTModel.merge_kind`` gives the effective value.
+    - ``merge_error``: optional explanation used in the MergeError of a method that cannot merge (e.g. prompt-
+      based TA-LoRA); the default text is about input-dependent routing.
     - ``task_ids_at_inference``: whether forward/generate need task ids outside training.
     """
 
@@ -155,6 +164,8 @@ class MethodSpec:
     add_task: Callable[..., int] | None = None
     describe: Callable[..., str] | None = None
     merge: str = "global"
+    merge_for: Callable[[AdapterConfig], str] | None = None
+    merge_error: str = ""
     task_ids_at_inference: bool = False
     task_ids_in_training: bool = False
     description: str = ""

@@ -44,12 +44,12 @@ def export_factors(model: MTModel, task: int | str | None, rank: int | None,
     Exact for mergeable methods; input-routed methods go through the method's approximation hook.
     """
     method = model.method
-    if method.merge == "none":
+    if model.merge_kind == "none":
         if rank is None:
-            raise MergeError(
+            raise MergeError(method.merge_error or (
                 f"method {method.name!r} is input-routed and has no exact plain-LoRA form; pass rank=k (and "
                 f"calibration=batches) to export the task's expected update truncated to rank k"
-            )
+            ))
         from .approx import approximate_factors
 
         return approximate_factors(model, task, rank, calibration)
@@ -106,8 +106,10 @@ def export_peft(model: MTModel, path: str | os.PathLike, task: int | str | None 
     pattern = {name: k for name, k in ranks.items() if k != r}
     from .layers import linear_module_names
 
+    # names as in the plain base model: drop the ``base_layer`` hops of adapter wrappers (block wrappers hold
+    # e.g. mlp.base_layer.down_proj, which PEFT will see as mlp.down_proj)
     targets = _target_module_names(
-        [n for n in linear_module_names(model.base_model)], list(factors)
+        [n.replace(".base_layer", "") for n in linear_module_names(model.base_model)], list(factors)
     )
     base_cfg = getattr(model.base_model, "config", None)
     lora_config = LoraConfig(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -152,12 +150,24 @@ def find_target_linears(model: nn.Module, config: AdapterConfig) -> list[str]:
             chosen.extend(h for h in hits if h not in chosen)
         chosen = [n for n in linears if n in set(chosen)]
     chosen = [n for n in chosen if not is_excluded(n)]
+    if config.layers_to_transform is not None:
+        wanted = {int(i) for i in config.layers_to_transform}
+        chosen = [n for n in chosen if layer_index(n) in wanted]
     if not chosen:
         raise ConfigError(
             f"target_modules {targets!r} selects no linear module of {type(model).__name__}; "
             f"its linear modules are named {leaf_names}"
         )
     return chosen
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer-layer index in a module name ('model.layers.3.mlp.up_proj' -> 3), or None."""
+    match = _LAYER_INDEX.search("." + name + ".")
+    return int(match.group(1)) if match else None
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -171,8 +181,3 @@ def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast per-sample values (batch, ...) against activations (batch, [seq,] features)."""
     extra = x.dim() - 2
     return values.reshape(values.shape[0], *([1] * extra), *values.shape[1:])
-
-
-def iter_adapter_layers(modules: Iterable[nn.Module], kind: type) -> list:
-    """The modules of the given class, in order."""
-    return [m for m in modules if isinstance(m, kind)]

@@ -397,15 +397,22 @@ class MTModel(nn.Module):
     def _linear_layers(self) -> dict[str, LinearAdapter]:
         return {n: m for n, m in self.adapter_layers.items() if isinstance(m, LinearAdapter)}
 
+    @property
+    def merge_kind(self) -> str:
+        """'global', 'per_task' or 'none' for this adapter's config (``MethodSpec.merge_for`` may override)."""
+        spec = self.method
+        return spec.merge_for(self.adapter_config) if spec.merge_for is not None else spec.merge
+
     def _merge_task(self, task: int | str | None) -> int | None:
         method = self.method
-        if method.merge == "none":
-            raise MergeError(
+        kind = self.merge_kind
+        if kind == "none":
+            raise MergeError(method.merge_error or (
                 f"method {method.name!r} routes each token between experts from its input, so no fixed weight "
                 f"update equals it and it cannot be merged; use export_peft(path, task=..., rank=k, "
                 f"calibration=batches) for an approximate per-task plain LoRA, or keep the adapter unmerged"
-            )
-        if method.merge == "per_task" and task is None:
+            ))
+        if kind == "per_task" and task is None:
             raise MergeError(f"method {method.name!r} has one merged model per task: pass task=<one of "
                              f"{self.adapter_config.tasks}>")
         if task is None:

@@ -106,7 +106,8 @@ def read_located_records(
     suffix = path.suffix.lower()
     if suffix not in RECORD_SUFFIXES:
         raise DataFormatError(
-            f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected one of {list(RECORD_SUFFIXES)}"
+            f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+            f"expected one of {list(RECORD_SUFFIXES)}"
         )
     if suffix == ".parquet":
         return _read_parquet(path)
@@ -185,7 +186,7 @@ def _read_json(path: Path, text: str, split: str | None) -> list[Record]:
     if not list_keys:
         raise DataFormatError(
             f"{path}: top-level JSON object has no list of records (keys: {sorted(doc)}); "
-            "expected a list or an object such as {\"examples\": [...]}"
+            'expected a list or an object such as {"examples": [...]}'
         )
     if split is not None and split in list_keys:
         key = split
@@ -236,7 +237,9 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{path} line {lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+            raise DataFormatError(
+                f"{path} line {lineno} column {exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
         if not isinstance(value, dict):
             raise DataFormatError(
                 f"{path} line {lineno}: expected a JSON object per line, got a {type(value).__name__}"
@@ -268,7 +271,9 @@ def _read_delimited(
                 if names is None:
                     names = [c.strip() for c in row]
                     if len(set(names)) != len(names):
-                        raise DataFormatError(f"{path} line {start_line}: duplicate column names in header {names}")
+                        raise DataFormatError(
+                            f"{path} line {start_line}: duplicate column names in header {names}"
+                        )
                 continue
             assert names is not None  # set from columns or from the header row
             if len(row) != len(names):
@@ -278,7 +283,9 @@ def _read_delimited(
                 )
             out.append(Record(dict(zip(names, row)), str(path), start_line, len(out)))
     except csv.Error as exc:
-        raise DataFormatError(f"{path} line {reader.line_num}: malformed {path.suffix[1:].upper()}: {exc}") from None
+        raise DataFormatError(
+            f"{path} line {reader.line_num}: malformed {path.suffix[1:].upper()}: {exc}"
+        ) from None
     return out
 
 

@@ -87,13 +87,17 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(_FORMATTER.parse(template))
     except ValueError as exc:
-        raise TaskSpecError(f"malformed template {template!r}: {exc} (write literal braces as {{{{ and }}}})") from None
+        raise TaskSpecError(
+            f"malformed template {template!r}: {exc} (write literal braces as {{{{ and }}}})"
+        ) from None
     for _, name, _, _ in parsed:
         if name is None:
             continue
         base = re.match(r"[^.\[]*", name).group(0)  # type: ignore[union-attr]
         if base == "" or base.isdigit():
-            raise TaskSpecError(f"template {template!r} uses a positional field {{{name}}}; name the record field")
+            raise TaskSpecError(
+                f"template {template!r} uses a positional field {{{name}}}; name the record field"
+            )
         if base not in names:
             names.append(base)
     return names
@@ -124,7 +128,7 @@ _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
 @register_transform("llm_adapters_options")
 def _llm_adapters_options(rec: dict[str, Any]) -> dict[str, Any]:
-    """LLM-Adapters commonsense sets: parse ``Answer format: a/b/c`` (end of ``instruction``) into ``options``."""
+    """LLM-Adapters commonsense sets: ``Answer format: a/b/c`` (end of ``instruction``) -> ``options``."""
     m = _ANSWER_FORMAT.search(str(rec.get("instruction", "")))
     if not m:
         raise ValueError("field 'instruction' does not end with an 'Answer format: a/b/...' line")
@@ -254,7 +258,9 @@ class TaskSpec:
                 raise err(f"{attr}: {exc}") from None
         if self.test_size is not None:
             if self.eval_source is not None or self.eval_split is not None:
-                raise err("give either test_size (a fixed-seed split of source) or eval_source/eval_split, not both")
+                raise err(
+                    "give either test_size (a fixed-seed split of source) or eval_source/eval_split, not both"
+                )
             ts = self.test_size
             if isinstance(ts, bool) or not isinstance(ts, (int, float)):
                 raise err(f"test_size must be an int or a fraction, got {ts!r}")
@@ -300,7 +306,11 @@ class TaskSpec:
                 f"cannot tell which record field holds the answer: target template {self.target!r} uses "
                 f"{template_fields(self.target)}; set label_field"
             )
-        if self.positive_label is not None and self.labels is not None and self.positive_label not in self.labels:
+        if (
+            self.positive_label is not None
+            and self.labels is not None
+            and self.positive_label not in self.labels
+        ):
             raise err(f"positive_label {self.positive_label!r} is not in labels {self.labels}")
         if self.fields is not None:
             self.fields = {str(k): str(v) for k, v in self.fields.items()}
@@ -480,7 +490,9 @@ def _render(spec: TaskSpec, which: str, template: str, view: Mapping[str, Any], 
     try:
         return template.format_map(view)
     except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
-        raise DataFormatError(f"task {spec.name!r}: {rec.where()}: cannot render {which} template {template!r}: {exc}") from None
+        raise DataFormatError(
+            f"task {spec.name!r}: {rec.where()}: cannot render {which} template {template!r}: {exc}"
+        ) from None
 
 
 def _to_example(spec: TaskSpec, rec: Record) -> Example:
@@ -508,7 +520,8 @@ def _to_example(spec: TaskSpec, rec: Record) -> Example:
         raw = str(view[label_field]).strip()
         if raw not in spec.label_map:
             raise DataFormatError(
-                f"{where}: label {raw!r} (field {label_field!r}) is not in label_map keys {sorted(spec.label_map)}"
+                f"{where}: label {raw!r} (field {label_field!r}) is not in label_map keys "
+                f"{sorted(spec.label_map)}"
             )
         view[label_field] = spec.label_map[raw]
     prompt = _render(spec, "prompt", spec.prompt, view, rec)
@@ -519,12 +532,16 @@ def _to_example(spec: TaskSpec, rec: Record) -> Example:
 
     assert label_field is not None  # checked in TaskSpec.__post_init__
     if label_field not in view:
-        raise DataFormatError(f"{where}: label field {label_field!r} is missing; available fields: {sorted(view)}")
+        raise DataFormatError(
+            f"{where}: label field {label_field!r} is missing; available fields: {sorted(view)}"
+        )
     label = str(view[label_field]).strip()
     if spec.type == "classification":
         options = list(spec.labels or [])
         if label not in options:
-            raise DataFormatError(f"{where}: label {label!r} (field {label_field!r}) is not in the label set {options}")
+            raise DataFormatError(
+                f"{where}: label {label!r} (field {label_field!r}) is not in the label set {options}"
+            )
     else:
         if spec.options is not None:
             options = list(spec.options)
@@ -532,16 +549,20 @@ def _to_example(spec: TaskSpec, rec: Record) -> Example:
             assert spec.options_field is not None
             if spec.options_field not in view:
                 raise DataFormatError(
-                    f"{where}: options field {spec.options_field!r} is missing; available fields: {sorted(view)}"
+                    f"{where}: options field {spec.options_field!r} is missing; "
+                    f"available fields: {sorted(view)}"
                 )
             raw_opts = view[spec.options_field]
             if not isinstance(raw_opts, (list, tuple)) or not raw_opts:
                 raise DataFormatError(
-                    f"{where}: options field {spec.options_field!r} must hold a non-empty list, got {raw_opts!r}"
+                    f"{where}: options field {spec.options_field!r} must hold a non-empty list, "
+                    f"got {raw_opts!r}"
                 )
             options = [str(o).strip() for o in raw_opts]
         if label not in options:
-            raise DataFormatError(f"{where}: answer {label!r} (field {label_field!r}) is not one of the options {options}")
+            raise DataFormatError(
+                f"{where}: answer {label!r} (field {label_field!r}) is not one of the options {options}"
+            )
     option_targets = [_render(spec, "target", spec.target, {**view, label_field: o}, rec) for o in options]
     return Example(spec.name, prompt, target, options, label, meta, option_targets)
 

@@ -1,0 +1,230 @@
+"""Turn examples into padded tensors for training (loss on target tokens only) and generation.
+
+Prompt and target are tokenized separately and concatenated as ids: ``prompt ids + target ids + EOS id``.
+EOS is appended by its id, never as text (some tokenizers, e.g. SmolLM2's GGUF one, do not parse the
+EOS text back into the single special token). Labels are -100 on prompt and padding tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .tasks import Example
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TRUNCATION_POLICIES",
+    "TruncationError",
+    "MultiTaskCollator",
+    "encode_prompts",
+    "tokenize_prompt",
+    "tokenize_target",
+    "pad_token_id",
+    "eos_token_id",
+]
+
+#: Label value ignored by the loss.
+IGNORE_INDEX = -100
+#: Allowed ``truncation`` values of :class:`MultiTaskCollator`.
+TRUNCATION_POLICIES: tuple[str, ...] = ("left", "right", "error")
+
+
+class TruncationError(ValueError):
+    """An example does not fit ``max_length`` under the chosen truncation policy."""
+
+
+def eos_token_id(tokenizer: Any) -> int:
+    """The tokenizer's EOS id (the first one if it has several).
+
+    Raises:
+        ValueError: the tokenizer has no EOS token.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; set tokenizer.eos_token")
+    return int(eos)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its EOS id when it has no pad token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else eos_token_id(tokenizer)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return set(getattr(tokenizer, "all_special_ids", []) or [])
+
+
+def tokenize_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's leading special tokens (e.g. BOS), never a trailing EOS."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if ids and eos is not None and ids[-1] == eos:
+        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not plain or plain[-1] != eos:  # added by the tokenizer, not written in the text
+            ids = ids[:-1]
+    return ids
+
+
+def tokenize_target(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a target continuation, without special tokens (EOS is appended by the caller)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _leading_specials(ids: Sequence[int], specials: set[int]) -> int:
+    n = 0
+    while n < len(ids) and ids[n] in specials:
+        n += 1
+    return n
+
+
+def _truncate_left(ids: list[int], keep: int, n_special: int) -> list[int]:
+    """Keep ``keep`` tokens: the leading special tokens plus the end of the sequence."""
+    if len(ids) <= keep:
+        return ids
+    n_special = min(n_special, keep)
+    return ids[:n_special] + ids[len(ids) - (keep - n_special) :]
+
+
+class MultiTaskCollator:
+    """Collate :class:`~mtpeft.data.tasks.Example` lists into training batches.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast or slow); without a pad token, EOS pads.
+        task_names: task order; ``task_ids`` in the batch index into it.
+        max_length: maximum sequence length (prompt + target + EOS).
+        truncation: what to do with a too-long example: ``"left"`` (default) drops tokens from the start
+            of the prompt (after any leading BOS) so the target stays whole; ``"right"`` keeps the first
+            ``max_length`` tokens (the target may be cut; at least one target token must remain);
+            ``"error"`` raises. In every policy, a target (with EOS) longer than ``max_length`` raises.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+
+    Calling the collator on a list of examples returns LongTensors ``input_ids``, ``attention_mask``,
+    ``labels`` (-100 on prompt and padding) and ``task_ids`` (shape ``[batch]``), right-padded.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        task_names: Sequence[str],
+        max_length: int = 512,
+        truncation: str = "left",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if truncation not in TRUNCATION_POLICIES:
+            raise ValueError(
+                f"unknown truncation policy {truncation!r}; allowed: {list(TRUNCATION_POLICIES)}"
+            )
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if not task_names:
+            raise ValueError("task_names is empty")
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"task_names contain duplicates: {list(task_names)}")
+        self.tokenizer = tokenizer
+        self.task_names = list(task_names)
+        self.task_index: Mapping[str, int] = {n: i for i, n in enumerate(self.task_names)}
+        self.max_length = int(max_length)
+        self.truncation = truncation
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.eos_id = eos_token_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self._specials = _special_ids(tokenizer)
+
+    def task_id(self, task: str) -> int:
+        """Index of ``task`` in ``task_names``."""
+        try:
+            return self.task_index[task]
+        except KeyError:
+            raise KeyError(
+                f"example of task {task!r}, which is not in task_names {self.task_names}"
+            ) from None
+
+    def encode(self, example: Example, index: int | None = None) -> tuple[list[int], list[int]]:
+        """Tokenize one example into ``(input_ids, labels)`` after the truncation policy.
+
+        ``index`` (the example's position, for error messages) is optional.
+        """
+        where = f"task {example.task!r}, example {index if index is not None else '?'}"
+        prompt = tokenize_prompt(self.tokenizer, example.prompt)
+        target = tokenize_target(self.tokenizer, example.target) + [self.eos_id]
+        if len(target) > self.max_length:
+            raise TruncationError(
+                f"{where}: the target alone is {len(target)} tokens (with EOS), more than max_length="
+                f"{self.max_length}; raise max_length or shorten the target"
+            )
+        total = len(prompt) + len(target)
+        if total > self.max_length:
+            if self.truncation == "error":
+                raise TruncationError(
+                    f"{where}: {total} tokens (prompt {len(prompt)} + target {len(target)}) exceed "
+                    f"max_length={self.max_length} and truncation='error'"
+                )
+            if self.truncation == "left":
+                prompt = _truncate_left(
+                    prompt, self.max_length - len(target), _leading_specials(prompt, self._specials)
+                )
+            else:  # right
+                if len(prompt) >= self.max_length:
+                    raise TruncationError(
+                        f"{where}: the prompt alone is {len(prompt)} tokens, so truncation='right' at "
+                        f"max_length={self.max_length} leaves no target token; use truncation='left'"
+                    )
+                ids = (prompt + target)[: self.max_length]
+                return ids, [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+        return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+    def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Collate examples into right-padded LongTensors (see the class docstring)."""
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        encoded = [self.encode(ex, i) for i, ex in enumerate(batch)]
+        width = max(len(ids) for ids, _ in encoded)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = ((width + m - 1) // m) * m
+        n = len(batch)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, labs) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        task_ids = torch.tensor([self.task_id(ex.task) for ex in batch], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "task_ids": task_ids,
+        }
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenize prompts for batched generation: LEFT-padded ``input_ids`` and ``attention_mask``.
+
+    Prompts longer than ``max_length`` keep their leading special tokens and their end (the part next
+    to the answer). Without a pad token, EOS pads.
+    """
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    specials = _special_ids(tokenizer)
+    rows = [tokenize_prompt(tokenizer, p) for p in prompts]
+    if max_length is not None:
+        rows = [_truncate_left(r, max_length, _leading_specials(r, specials)) for r in rows]
+    width = max(len(r) for r in rows)
+    pad = pad_token_id(tokenizer)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

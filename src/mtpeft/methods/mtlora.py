@@ -1,0 +1,413 @@
+"""mtLoRA (Tian, Ledent, Sun; ICLR 2026): block-level routed low-rank adaptation with spectral regularization.
+
+**Block-level adaptation.** A parallel low-rank path around a whole sub-block of every transformer layer, fed
+the sub-block's normalized input u and added to the sub-block's output before the residual:
+x' = x + F(LN(x)) + Delta(LN(x)). ``block_type='ffn'`` (default, the paper's main setting) adapts the MLP
+(u = the ``post_attention_layernorm`` output = the ``mlp`` module's input), ``'attn'`` the attention
+(u = the ``input_layernorm`` output = ``self_attn``'s ``hidden_states``), ``'both'`` both, and ``'component'``
+puts HydraLoRA-style routed layers on the ``target_modules`` linears instead (the paper's baseline). Decoder
+layers (a child ``mlp`` / ``self_attn``: LLaMA, Qwen2, Gemma, Mistral, ...) are wrapped at those modules;
+BERT-style encoder layers (``attention`` / ``intermediate`` / ``output``) get the delta on the block's output
+dense layer (before its dropout, residual and LayerNorm), the block input being tapped with a forward pre-hook.
+
+**Delta.** Shared A (r x d, Kaiming), E expert up-projections B_e (d x r, zero), router W_g (E*G x d, bias-free,
+Kaiming): z = A dropout(u); Pi = softmax over experts of (W_g u) reshaped (..., G, E), per token and per group
+of ``routing_group_size`` contiguous output channels (fine-grained routing, FGR; G = d / group size, group
+size >= d = scalar routing); Delta(u) = (alpha / r) * sum_e Pi_e (expanded over each group) * (B_e z).
+
+**Losses.** CV^2 balance loss (weight 0.01): mean over adapters of CV^2 of the mean routing weight per expert
+(mean over batch, non-padding tokens and groups; unbiased variance, / (mean^2 + 1e-10), as the released code
+except that padding is masked). Spectral-aware regularization, ``spectral_mode``:
+
+- ``'released'`` (as the official code): for every expert B (d x r) of every adapter, G = B^T B,
+  sigma = svdvals(B) detached, w = exp(-sigma / (mean sigma + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 detached,
+  term ||(w w^T) * (G - c^2 I)||_F^2; mean over the B matrices (a random subset of 64 when there are more,
+  seeded by the global step). Applied only at trigger steps, every ``spectral_every`` (default 500, the BBH
+  runs) optimizer steps: with ``global_step`` = completed optimizer steps, the term is added when
+  ``(global_step + 1) % spectral_every == 0`` -- the released trainer's schedule (its first trigger is after
+  ``spectral_every`` steps, not at step 0 where every B is still zero and the term is void).
+- ``'paper'`` (the paper's stated intent): sum_{i != j} sum_k w(s_{i,k}) ||u_{i,k}^T B_j||^2 per adapter, with
+  u_{i,k}, s_{i,k} the left singular vectors / values of expert B_i (detached), w(s) = exp(-s / mean s): low-SV
+  directions are orthogonalized across experts, dominant shared ones left free. Every step by default.
+- ``'off'``.
+
+``spectral_weight`` defaults to 1.0 (the BBH runs; MMLU used 0.5; the released trainer's own default is 0.25).
+
+**Ablations of the paper's Table 2 by config:** HydraLoRA baseline = ``block_type='component',
+target_modules=['q_proj', 'v_proj'], routing_group_size=None, spectral_mode='off'``; + Block =
+``block_type='ffn', routing_group_size=None, spectral_mode='off'``; + Block + Spectral = the same with
+``spectral_mode='released'``; + Block + FGR = ``routing_group_size=2048, spectral_mode='off'``; all three =
+the defaults.
+
+No task ids; not mergeable (input routing, and the block path is parallel to a nonlinear block). The export
+(``mtpeft.approx``) fits each block's delta onto the block's output linear (``mlp.down_proj`` /
+``self_attn.o_proj``) by least squares over calibration tokens and truncates it to rank k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..layers import TaskContext, adapter_dtype, find_target_linears, init_down_projection, set_submodule
+from .hydralora import (
+    HydraLoRALinear,
+    RoutedExpertsMixin,
+    balance_loss,
+    grouped_softmax,
+    routed_layers,
+    routed_up,
+    routing_groups,
+    spectral_paper,
+    spectral_released,
+)
+
+BLOCK_TYPES = ("ffn", "attn", "both", "component")
+SPECTRAL_MODES = ("released", "paper", "off")
+_FFN_OUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h", "fc_out", "out_proj")
+_ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+
+
+# --- locating the sub-blocks (shared with TA-LoRA) --------------------------------------------------------
+@dataclass
+class BlockSite:
+    """Where a sub-block's adapter goes.
+
+    ``wrap_name``: the module the wrapper replaces; ``tap_name``: the module whose first input is the block
+    input u when that is not the wrapped module's own input (BERT-style layers); ``out_linear``: path of the
+    block's output linear relative to the wrapped module ('' = the wrapped module itself).
+    """
+
+    layer_index: int
+    layer_name: str
+    kind: str
+    wrap_name: str
+    tap_name: str | None
+    out_linear: str
+    dim: int
+
+
+def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, style) of every transformer layer: 'decoder' (children ``self_attn`` / ``mlp``) or
+    'encoder' (BERT-style children ``attention``, ``intermediate``, ``output``), in model order."""
+    found = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if "self_attn" in children or "mlp" in children:
+            found.append((name, module, "decoder"))
+        elif {"attention", "intermediate", "output"} <= set(children):
+            found.append((name, module, "encoder"))
+    return found
+
+
+def _hidden_size(model: nn.Module, fallback: int) -> int:
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "hidden_size", None)
+    return int(size) if isinstance(size, int) else fallback
+
+
+def _find_out_linear(block: nn.Module, names: tuple[str, ...], dim: int, who: str) -> str:
+    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    for n, m in linears:
+        if n.rsplit(".", 1)[-1] in names and m.out_features == dim:
+            return n
+    # no conventional name: the last linear back to the hidden size is the block's output projection
+    for n, m in reversed(linears):
+        if m.out_features == dim:
+            return n
+    raise ConfigError(f"{who}: no linear layer mapping back to the hidden size {dim} was found inside it")
+
+
+def find_block_sites(model: nn.Module, kinds: tuple[str, ...], method: str = "mtLoRA") -> list[BlockSite]:
+    """The sub-blocks of kind 'ffn' / 'attn' in every transformer layer; a clear error when there are none."""
+    layers = transformer_layers(model)
+    sites: list[BlockSite] = []
+    for index, (lname, layer, style) in enumerate(layers):
+        prefix = f"{lname}." if lname else ""
+        for kind in kinds:
+            if style == "decoder":
+                child = "mlp" if kind == "ffn" else "self_attn"
+                if not hasattr(layer, child):
+                    continue
+                block = getattr(layer, child)
+                first = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
+                dim = _hidden_size(model, first.in_features if first is not None else 0)
+                out = _find_out_linear(block, _FFN_OUT_NAMES if kind == "ffn" else _ATTN_OUT_NAMES, dim,
+                                       f"{prefix}{child}")
+                sites.append(BlockSite(index, lname, kind, prefix + child, None, out, dim))
+            else:
+                if kind == "ffn":
+                    wrap, tap = f"{prefix}output.dense", f"{prefix}intermediate"
+                else:
+                    wrap, tap = f"{prefix}attention.output.dense", f"{prefix}attention.self"
+                try:
+                    dense = model.get_submodule(wrap)
+                    model.get_submodule(tap)
+                except AttributeError:
+                    continue
+                if not isinstance(dense, nn.Linear):
+                    continue
+                sites.append(BlockSite(index, lname, kind, wrap, tap, "", dense.out_features))
+    if not sites:
+        wanted = " and ".join(f"'{k}'" for k in kinds)
+        raise ConfigError(
+            f"{method}: {type(model).__name__} has no transformer layers with {wanted} sub-blocks that mtpeft can "
+            f"find: it looks for layers with an `mlp` / `self_attn` child (LLaMA, Qwen2, Gemma, Mistral, ...) or "
+            f"BERT-style `attention` / `intermediate` / `output` children"
+            + ("; use block_type='component' to adapt individual linears" if method == "mtLoRA" else "")
+        )
+    return sites
+
+
+class ModuleWrapper(nn.Module):
+    """Base of the wrappers that replace a whole submodule (kept as ``base_layer``) and add to its output.
+
+    Unknown attributes fall through to the wrapped module, so code that reads e.g. ``self_attn.layer_idx``
+    keeps working.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @staticmethod
+    def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The hidden states a block was called with (positional or the ``hidden_states`` keyword)."""
+        if args:
+            return args[0]
+        if "hidden_states" in kwargs:
+            return kwargs["hidden_states"]
+        if "x" in kwargs:
+            return kwargs["x"]
+        raise ValueError("could not find the block input (no positional argument and no `hidden_states=`)")
+
+    @staticmethod
+    def add_to_output(out: Any, delta: torch.Tensor) -> Any:
+        """out + delta, or (out[0] + delta, *rest) for modules returning a tuple (attention)."""
+        if isinstance(out, tuple):
+            return (out[0] + delta.to(out[0].dtype), *out[1:])
+        return out + delta.to(out.dtype)
+
+
+# --- the block adapter ------------------------------------------------------------------------------------
+@dataclass
+class MtLoRAConfig(AdapterConfig):
+    """mtLoRA: block-level routed low-rank paths, fine-grained routing, spectral-aware regularization."""
+
+    method = "mtlora"
+    block_type: str = field(default="ffn", metadata={
+        "help": "Where to adapt: 'ffn' (around each MLP block; the paper's main setting), 'attn' (around each "
+                "attention block), 'both', or 'component' (HydraLoRA-style routed layers on `target_modules`)."})
+    num_experts: int = field(default=16, metadata={"help": "Number E of expert up-projections B_e (paper: 16)."})
+    routing_group_size: int | None = field(default=2048, metadata={
+        "help": "Fine-grained routing: one softmax over experts per group of this many output channels (paper: "
+                "2048, i.e. G = 2 for d = 4096). None or a value >= the output dimension is scalar routing; "
+                "otherwise it must divide the output dimension."})
+    balance_weight: float = field(default=0.01, metadata={
+        "help": "Weight of the CV^2 balance loss on the mean routing weight per expert (paper: 0.01; 0 = off)."})
+    spectral_mode: str = field(default="released", metadata={
+        "help": "Spectral-aware regularization: 'released' (each B_e towards a scaled isometry, weighted by "
+                "exp(-sigma/mean sigma), as the official code), 'paper' (low-SV directions orthogonal across "
+                "experts) or 'off'."})
+    spectral_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's default: 0.25)."})
+    spectral_every: int | None = field(default=None, metadata={
+        "help": "Apply the spectral term every this many optimizer steps (when (global_step + 1) % k == 0). None: "
+                "500 for 'released' (the BBH runs), 1 (every step) for 'paper'."})
+    spectral_max_matrices: int = field(default=64, metadata={
+        "help": "'released' mode: at most this many B matrices per trigger (a random subset seeded by the step)."})
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.block_type not in BLOCK_TYPES:
+            raise ConfigError(f"{name}.block_type must be one of {list(BLOCK_TYPES)}, got {self.block_type!r}")
+        if self.spectral_mode not in SPECTRAL_MODES:
+            raise ConfigError(f"{name}.spectral_mode must be one of {list(SPECTRAL_MODES)}, "
+                              f"got {self.spectral_mode!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ConfigError(f"{name}.num_experts must be a positive integer, got {self.num_experts!r}")
+        if self.routing_group_size is not None and (not isinstance(self.routing_group_size, int)
+                                                    or self.routing_group_size < 1):
+            raise ConfigError(f"{name}.routing_group_size must be None or a positive integer, "
+                              f"got {self.routing_group_size!r}")
+        if self.spectral_every is not None and (not isinstance(self.spectral_every, int) or self.spectral_every < 1):
+            raise ConfigError(f"{name}.spectral_every must be None or a positive integer, "
+                              f"got {self.spectral_every!r}")
+        for key in ("balance_weight", "spectral_weight"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{name}.{key} must be >= 0, got {getattr(self, key)!r}")
+        if not isinstance(self.spectral_max_matrices, int) or self.spectral_max_matrices < 1:
+            raise ConfigError(f"{name}.spectral_max_matrices must be a positive integer, "
+                              f"got {self.spectral_max_matrices!r}")
+
+    @property
+    def spectral_period(self) -> int:
+        """The effective ``spectral_every``."""
+        if self.spectral_every is not None:
+            return self.spectral_every
+        return 500 if self.spectral_mode == "released" else 1
+
+
+class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
+    """Wraps a sub-block (or, in BERT-style layers, the block's output dense) and adds the routed delta.
+
+    Parameters: ``lora_A`` (r x d), ``lora_B`` (E x d x r, zero at init), ``lora_router`` (G*E x d).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MtLoRAConfig, context: TaskContext, site: BlockSite,
+                 tap: nn.Module | None = None) -> None:
+        super().__init__(base_layer)
+        weight = next(base_layer.parameters())
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        d, r, e = site.dim, config.r, config.num_experts
+        self.context = context
+        self.kind = site.kind
+        self.module_name = site.wrap_name
+        self.out_linear_path = site.out_linear
+        self.out_linear_name = f"{site.wrap_name}.{site.out_linear}" if site.out_linear else site.wrap_name
+        self.dim = d
+        self.num_experts = e
+        self.num_groups = routing_groups(d, config.routing_group_size, f" of block {site.wrap_name!r}")
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, d, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(e, d, r, **kw))
+        self.lora_router = nn.Parameter(torch.empty(self.num_groups * e, d, **kw))
+        if kw["device"].type != "meta":  # a meta model (parameter counting) has no values to initialize
+            init_down_projection(self.lora_A, config.init, r)
+            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
+        self.routing_mean = None
+        self._tapped: torch.Tensor | None = None
+        self._observer: Callable[[BlockAdapter, torch.Tensor, torch.Tensor], None] | None = None
+        self.uses_tap = tap is not None
+        if tap is not None:
+            # the block input is another module's input: record it when that module runs (also on
+            # activation-checkpointing recomputation, which re-runs the same modules in the same order)
+            tap.register_forward_pre_hook(self._tap)
+
+    def _tap(self, module: nn.Module, args: tuple) -> None:
+        self._tapped = args[0] if args else None
+
+    def output_linear(self) -> nn.Linear:
+        """The block's output linear (where an approximate export puts the fitted update)."""
+        return self.base_layer.get_submodule(self.out_linear_path) if self.out_linear_path else self.base_layer
+
+    def routing_weights(self, u: torch.Tensor) -> torch.Tensor:
+        """Per-token routing weights (..., G, E), summing to 1 over experts for every token and group."""
+        logits = F.linear(u.to(self.lora_router.dtype), self.lora_router)
+        return grouped_softmax(logits, self.num_groups, self.num_experts)
+
+    def block_delta(self, u: torch.Tensor) -> torch.Tensor:
+        """Delta(u) = s * sum_e Pi_e * (B_e A dropout(u)), (..., d)."""
+        pi = self.routing_weights(u)
+        self._cache_routing(pi)
+        z = F.linear(self.dropout(u.to(self.lora_A.dtype)), self.lora_A)
+        return routed_up(z, pi, self.lora_B) * self.scale
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        if self.uses_tap:
+            u, self._tapped = self._tapped, None
+            if u is None:
+                raise RuntimeError(f"mtLoRA block {self.module_name!r}: the block input was not recorded (the "
+                                   f"tapped module did not run before the block's output layer)")
+        else:
+            u = self.first_input(args, kwargs)
+        delta = self.block_delta(u)
+        if self._observer is not None:
+            self._observer(self, u, delta)
+        return self.add_to_output(out, delta)
+
+    def expert_matrices(self) -> list[torch.Tensor]:
+        """The experts' up-projections B_e (d x r), for the spectral regularizer."""
+        return list(self.lora_B.unbind(0))
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, dim={self.dim}, rank={self.lora_A.shape[0]}, experts={self.num_experts}, "
+                f"groups={self.num_groups}, scale={self.scale:g}")
+
+
+def inject(model: nn.Module, config: MtLoRAConfig, context: TaskContext) -> dict[str, nn.Module]:
+    """Wrap the chosen sub-blocks (or the target linears for 'component') of ``model`` in place."""
+    layers: dict[str, nn.Module] = {}
+    if config.block_type == "component":
+        for name in find_target_linears(model, config):
+            layer = HydraLoRALinear(model.get_submodule(name), config, context, name)
+            set_submodule(model, name, layer)
+            layers[name] = layer
+        return layers
+    kinds = ("ffn", "attn") if config.block_type == "both" else (config.block_type,)
+    for site in find_block_sites(model, kinds):
+        tap = model.get_submodule(site.tap_name) if site.tap_name else None
+        wrapper = BlockAdapter(model.get_submodule(site.wrap_name), config, context, site, tap)
+        set_submodule(model, site.wrap_name, wrapper)
+        layers[site.wrap_name] = wrapper
+    return layers
+
+
+def spectral_due(step: int, every: int) -> bool:
+    """Whether the spectral term applies at ``step`` (completed optimizer steps): after every ``every`` steps."""
+    return (int(step) + 1) % every == 0
+
+
+def spectral_loss(model) -> torch.Tensor | None:
+    """The configured spectral regularizer over all adapters (ignores the trigger schedule)."""
+    cfg: MtLoRAConfig = model.adapter_config
+    layers = routed_layers(model)
+    if cfg.spectral_mode == "released":
+        mats = [b for layer in layers for b in layer.expert_matrices()]
+        return spectral_released(mats, model.context.global_step, cfg.spectral_max_matrices)
+    if cfg.spectral_mode == "paper":
+        return spectral_paper([layer.lora_B for layer in layers])
+    return None
+
+
+def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
+    """Balance loss (every step) and the spectral term (at trigger steps; 0 otherwise)."""
+    cfg: MtLoRAConfig = model.adapter_config
+    out: dict[str, tuple[torch.Tensor, float]] = {}
+    value = balance_loss([m.routing_mean for m in routed_layers(model) if m.routing_mean is not None])
+    if value is not None:
+        out["balance"] = (value, float(cfg.balance_weight))
+    if cfg.spectral_mode != "off":
+        spec = None
+        if cfg.spectral_weight > 0 and spectral_due(model.context.global_step, cfg.spectral_period):
+            spec = spectral_loss(model)
+        if spec is None:
+            spec = torch.zeros((), device=model.device)
+        out["spectral"] = (spec, float(cfg.spectral_weight))
+    return out
+
+
+def describe(model) -> str:
+    """One line about where the adapters are and how they route."""
+    cfg: MtLoRAConfig = model.adapter_config
+    layers = routed_layers(model)
+    groups = sorted({m.num_groups for m in layers})
+    return (f"mtLoRA: block_type={cfg.block_type}, {len(layers)} adapters, {cfg.num_experts} experts, rank {cfg.r}, "
+            f"routing groups {groups}, spectral={cfg.spectral_mode} (weight {cfg.spectral_weight:g}, every "
+            f"{cfg.spectral_period}), balance weight {cfg.balance_weight:g}")
+
+
+register_method(MethodSpec(
+    name="mtlora", config_class=MtLoRAConfig, inject=inject, aux_losses=aux_losses, describe=describe,
+    merge="none",
+    description="Block-level routed low-rank paths (shared A, expert B_e, fine-grained router) with spectral "
+                "regularization; approximate export only.",
+))

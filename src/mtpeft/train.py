@@ -1,0 +1,424 @@
+"""The training loop on accelerate: mixed-task batches, checkpoints written atomically, exact resume.
+
+The trainer never knows a method by name: it sees ``out.loss``, ``out.aux_losses``, ``model.param_groups``,
+``model.needs_calibration`` and ``model.set_global_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data.collator import MultiTaskCollator
+from .data.mixing import MixtureSampler
+from .data.tasks import Example, TaskData, TaskSpec, load_task
+from .model import MTModel, atomic_write_dir, get_mt_model
+from .runconfig import RunConfig
+
+CHECKPOINTS = "checkpoints"
+# Fault-injection aid for the kill/resume tests: seconds to sleep after each optimizer step.
+STEP_DELAY_ENV = "MTPEFT_STEP_DELAY_S"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (a non-finite loss, a failed checkpoint write); the message says where and why."""
+
+
+# --- tasks --------------------------------------------------------------------------------------------
+def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
+    """Turn the run config's task entries (preset names or mappings) into task specs, in order."""
+    root = cfg.data.root
+    specs: list[TaskSpec] = []
+    for i, entry in enumerate(cfg.tasks):
+        if isinstance(entry, str) and (entry == "demo" or entry.startswith("demo:")):
+            from .data.demo import demo_specs
+
+            names = entry.split(":", 1)[1].split(",") if ":" in entry else None
+            found = demo_specs(seed=cfg.train.seed, names=names)
+        elif isinstance(entry, str):
+            from .data import presets
+
+            found = presets.preset(entry, root)
+        else:
+            try:
+                found = [TaskSpec.from_dict(entry)]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"tasks[{i}]: {exc}") from exc
+        specs.extend(found)
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate task names in the run config: {dup}")
+    for spec in specs:
+        if cfg.data.max_train_per_task is not None:
+            spec.max_train = min(spec.max_train or cfg.data.max_train_per_task, cfg.data.max_train_per_task)
+        if cfg.data.max_eval_per_task is not None:
+            spec.max_eval = min(spec.max_eval or cfg.data.max_eval_per_task, cfg.data.max_eval_per_task)
+    return specs
+
+
+def load_tasks(specs: list[TaskSpec], data_root: str | None) -> list[tuple[TaskSpec, TaskData]]:
+    """Load every task's train and eval examples; an empty training set is an error naming the task."""
+    out = []
+    for spec in specs:
+        data = load_task(spec, data_root)
+        if not data.train:
+            raise ValueError(f"task {spec.name!r} has no training examples")
+        out.append((spec, data))
+    return out
+
+
+# --- optimizer / RNG state without pickle -------------------------------------------------------------
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    random.setstate(_tupled(meta["python"]))
+    np_state = meta["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (partial writes are hidden dot-folders and never listed)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, sampler_state: dict[str, Any], rng: tuple[dict, dict],
+                    extra: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step-N`` atomically (adapter, optimizer, scheduler, RNG, data position)."""
+    target = Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+    rng_tensors, rng_meta = rng
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "adapter")
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(),
+                 "optimizer": opt_meta, "rng": rng_meta, **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+
+    try:
+        atomic_write_dir(target, write)
+    except OSError as exc:
+        previous = checkpoint_dirs(output_dir)
+        last = str(previous[-1]) if previous else "none"
+        raise TrainingError(f"could not write checkpoint {target}: {exc}. The last good checkpoint ({last}) is "
+                            f"intact; free space or fix permissions and resume with --resume") from exc
+    for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics-log line; a torn or empty line (a kill mid-write) counts as never logged."""
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval: Any = None
+    eval_before: Any = None
+    skipped_batches: int = 0
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.schedule]
+    warmup = int(math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.train.steps)
+
+
+def _calibration_batches(tasks: list[tuple[TaskSpec, TaskData]], collator: MultiTaskCollator,
+                         batch_size: int, per_task: int) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for spec, data in tasks:
+        for b in range(per_task):
+            chunk = data.train[b * batch_size:(b + 1) * batch_size]
+            if chunk:
+                batches.append(collator(chunk))
+    return batches
+
+
+class Trainer:
+    """Train one run config. ``model``/``tokenizer``/``tasks`` may be given to skip loading them."""
+
+    def __init__(self, cfg: RunConfig, *, model: MTModel | None = None, tokenizer: Any = None,
+                 tasks: list[tuple[TaskSpec, TaskData]] | None = None, progress: bool = True,
+                 base_model: Any = None) -> None:
+        from .models import load_base_model, load_tokenizer
+
+        self.cfg = cfg
+        self.progress = progress
+        self.output_dir = Path(cfg.output_dir)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        self.tasks = tasks if tasks is not None else load_tasks(resolve_task_specs(cfg), cfg.data.root)
+        self.task_names = [spec.name for spec, _ in self.tasks]
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        if model is None:
+            base = base_model if base_model is not None else load_base_model(
+                cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+            method_cfg = {**cfg.method, "tasks": self.task_names}
+            model = get_mt_model(base, method_cfg)
+        self.model = model
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.collator = MultiTaskCollator(self.tokenizer, self.task_names, max_length=cfg.data.max_length,
+                                          truncation=cfg.data.truncation)
+        self.sampler = MixtureSampler([len(d.train) for _, d in self.tasks], cfg.train.batch_size,
+                                      strategy=cfg.data.mixing, temperature=cfg.data.temperature,
+                                      task_balanced=cfg.data.task_balanced, seed=cfg.train.seed)
+
+    # helpers
+    def _examples(self, batch: list[tuple[int, int]]) -> list[Example]:
+        return [self.tasks[t][1].train[i] for t, i in batch]
+
+    def eval_sets(self) -> list[tuple[TaskSpec, list[Example]]]:
+        return [(spec, data.eval) for spec, data in self.tasks if data.eval]
+
+    def evaluate(self, device: torch.device | None = None) -> Any:
+        """Per-task evaluation of the current model on every task's eval split."""
+        from .evaluate import evaluate
+
+        sets = self.eval_sets()
+        if not sets:
+            return None
+        return evaluate(self.model, self.tokenizer, sets, self.task_names, batch_size=self.cfg.eval.batch_size,
+                        max_new_tokens=self.cfg.eval.max_new_tokens, device=device, progress=self.progress)
+
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run the loop; with ``resume`` continue from the latest complete checkpoint in the output folder."""
+        from accelerate import Accelerator
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        cpu = cfg.train.device == "cpu" or (cfg.train.device is None and not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu)
+        device = accelerator.device
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.output_dir / "run_config.yaml")
+        model = self.model.to(device)
+
+        checkpoints = checkpoint_dirs(self.output_dir) if resume else []
+        start_step = 0
+        if not resume and checkpoint_dirs(self.output_dir):
+            raise TrainingError(f"{self.output_dir} already has checkpoints: pass --resume to continue that run, "
+                                f"or choose another output_dir")
+        result = TrainResult(self.output_dir, 0, None)
+        if cfg.eval.before_training and not checkpoints:
+            model.eval()
+            result.eval_before = self.evaluate(device)
+        if model.needs_calibration and not checkpoints:
+            batches = _calibration_batches(self.tasks, self.collator, cfg.train.batch_size,
+                                           cfg.train.calibration_batches)
+            model.calibrate([{k: v.to(device) for k, v in b.items()} for b in batches])
+
+        optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr)
+        scheduler = _scheduler(optimizer, cfg)
+        if checkpoints:
+            start_step = self._load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+
+        log_path = self.output_dir / "metrics.jsonl"
+        if not checkpoints and log_path.exists():
+            log_path.unlink()
+        elif checkpoints and log_path.exists():  # drop lines a killed run logged after its last checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= start_step]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        step = start_step
+        step_state = (self.sampler.state_dict(), _rng_state())
+        last_loss: float | None = None
+        tokens, t0 = 0, time.perf_counter()
+        try:
+            while step < cfg.train.steps:
+                step_state = (self.sampler.state_dict(), _rng_state())
+                prepared.train()
+                model.set_global_step(step)
+                losses, aux_sums, tasks_seen, bad = [], {}, [], None
+                for micro in range(cfg.train.grad_accum):
+                    batch_idx = self.sampler.next_batch()
+                    batch = self.collator(self._examples(batch_idx))
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    names = sorted({self.task_names[t] for t, _ in batch_idx})
+                    tasks_seen.extend(names)
+                    out = prepared(**batch)
+                    loss = out.loss
+                    if not torch.isfinite(loss.detach()):
+                        bad = (micro, names, float(loss.detach()))
+                        break
+                    accelerator.backward(loss / cfg.train.grad_accum)
+                    losses.append(float(loss.detach()))
+                    for k, v in (getattr(out, "aux_losses", None) or {}).items():
+                        aux_sums[k] = aux_sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+                    tokens += int(batch["attention_mask"].sum())
+                if bad is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.train.nan_policy == "skip":
+                        result.skipped_batches += 1
+                        self._log(log_path, {"step": step + 1, "skipped": True, "reason": "non-finite loss",
+                                             "tasks": bad[1]})
+                        continue
+                    last = checkpoint_dirs(self.output_dir)
+                    raise TrainingError(
+                        f"non-finite loss ({bad[2]}) at step {step + 1} (micro-batch {bad[0]}); tasks in the batch: "
+                        f"{bad[1]}. Nothing was saved from this step; the last good checkpoint is "
+                        f"{last[-1] if last else 'none (no checkpoint yet)'}. Set train.nan_policy=skip to drop such "
+                        f"batches, or lower train.lr")
+                if cfg.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if os.environ.get(STEP_DELAY_ENV):
+                    time.sleep(float(os.environ[STEP_DELAY_ENV]))
+                last_loss = float(np.mean(losses))
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                          **{f"aux/{k}": v for k, v in aux_sums.items()}, "tokens_per_s": tokens / elapsed,
+                          "tasks": sorted(set(tasks_seen))}
+                result.history.append(record)
+                bar.update(1)
+                bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in aux_sums.items()},
+                                 "tok/s": f"{tokens / elapsed:.0f}"})
+                if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                    self._log(log_path, record)
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                    self._save(step, model, optimizer, scheduler, (self.sampler.state_dict(), _rng_state()))
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                    prepared.eval()
+                    res = self.evaluate(device)
+                    if res is not None:
+                        self._log(log_path, {"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
+        except KeyboardInterrupt:
+            bar.close()
+            path = self._save(step, model, optimizer, scheduler, step_state)
+            raise TrainingError(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume") \
+                from None
+        bar.close()
+        self._save(step, model, optimizer, scheduler, (self.sampler.state_dict(), _rng_state()))
+        model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step})
+        result.steps, result.final_loss = step, last_loss
+        prepared.eval()
+        result.eval = self.evaluate(device)
+        if result.eval is not None:
+            result.eval.save(self.output_dir / "eval")
+        summary = {"steps": step, "final_loss": last_loss, "skipped_batches": result.skipped_batches,
+                   "trainable_parameters": model.num_trainable_parameters(),
+                   "eval": None if result.eval is None else {"macro": result.eval.macro, "micro": result.eval.micro},
+                   "eval_before": None if result.eval_before is None else {"macro": result.eval_before.macro,
+                                                                           "micro": result.eval_before.micro}}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+    def _save(self, step: int, model: MTModel, optimizer, scheduler, state) -> Path:
+        sampler_state, rng = state
+        return save_checkpoint(self.output_dir, step, model, optimizer, scheduler, sampler_state, rng,
+                               {"tasks": self.task_names}, keep=self.cfg.train.keep_checkpoints)
+
+    def _load_checkpoint(self, path: Path, model: MTModel, optimizer, scheduler) -> int:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("tasks") != self.task_names:
+            raise TrainingError(f"checkpoint {path} was made for tasks {state.get('tasks')}, this run has "
+                                f"{self.task_names}")
+        adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        model.load_adapter_state_dict(adapter, source=str(path / "adapter"))
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                                                        state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        return int(state["step"])
+
+    @staticmethod
+    def _log(path: Path, record: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, **kwargs: Any) -> TrainResult:
+    """Train a run config end to end (load, calibrate, train, checkpoint, save, evaluate)."""
+    return Trainer(cfg, progress=progress, **kwargs).train(resume=resume)

@@ -1,0 +1,249 @@
+"""mtLoRA: block-level adapters (ffn / attn / both), fine-grained routing, the balance loss and both spectral
+regularizers checked against hand computations, parameter counts at the paper's settings."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
+from torch import nn
+
+import mtpeft
+from mtpeft.methods.hydralora import HydraLoRALinear, spectral_paper, spectral_released
+from mtpeft.methods.mtlora import BlockAdapter, spectral_due
+
+
+def make(arch: str = "llama", **overrides):
+    base = tiny_model(arch)
+    cfg = {"method": "mtlora", "tasks": TASKS, "r": 4, "num_experts": 3, **overrides}
+    return base, mtpeft.get_mt_model(copy.deepcopy(base), cfg)
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_initial_logits_equal_base_for_every_block_type(arch):
+    ids, mask, _ = tiny_batch()
+    base = tiny_model(arch)
+    expected = logits(base, ids, mask)
+    for block_type in ("ffn", "attn", "both"):
+        model = mtpeft.get_mt_model(copy.deepcopy(base), {"method": "mtlora", "r": 4, "num_experts": 3,
+                                                          "block_type": block_type, "routing_group_size": 8})
+        kinds = sorted({m.kind for m in model.adapter_layers.values()})
+        assert kinds == {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[block_type]
+        torch.testing.assert_close(logits(model, ids, mask), expected, atol=1e-5, rtol=0)
+
+
+def test_block_delta_is_fed_the_block_input_and_added_to_its_output():
+    """Checks the forward against an explicit formula: Delta(u) = s sum_e Pi_e (group-expanded) * B_e A u."""
+    _, model = make(block_type="both", routing_group_size=16)
+    perturb_adapters(model)
+    model.eval()
+    ids, mask, _ = tiny_batch()
+    record = {}
+
+    def capture(module, args, kwargs, output):
+        record[module] = (BlockAdapter.first_input(args, kwargs), output)  # positional or hidden_states=
+
+    handles = [m.base_layer.register_forward_hook(capture, with_kwargs=True) for m in model.adapter_layers.values()]
+    wrapped = {}
+    handles += [m.register_forward_hook(lambda mod, a, o: wrapped.__setitem__(mod, o))
+                for m in model.adapter_layers.values()]
+    logits(model, ids, mask)
+    for h in handles:
+        h.remove()
+    for layer in model.adapter_layers.values():
+        u, base_out = record[layer.base_layer]
+        if layer.kind == "attn":
+            assert isinstance(base_out, tuple)
+            base_out, got = base_out[0], wrapped[layer][0]
+        else:
+            got = wrapped[layer]
+        u = u.double()
+        a, b, w = (t.detach().double() for t in (layer.lora_A, layer.lora_B, layer.lora_router))
+        logit = (u @ w.T).reshape(*u.shape[:-1], 2, 3)  # d = 32, group size 16: G = 2 groups, E = 3 experts
+        pi = torch.softmax(logit, -1)
+        expected = torch.zeros_like(u)
+        for e in range(3):
+            expected += pi[..., e].repeat_interleave(16, -1) * (u @ a.T @ b[e].T)
+        torch.testing.assert_close((got - base_out).double(), expected * layer.scale, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_backward_mixed_batch_and_router_weights_sum_to_one_per_token_and_group():
+    _, model = make(block_type="both", routing_group_size=8, spectral_mode="paper")
+    perturb_adapters(model)
+    model.train()
+    ids, mask, labels = tiny_batch()
+    pis = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, kw: pis.append(
+        mod.routing_weights(BlockAdapter.first_input(args, kw)).detach()), with_kwargs=True)
+        for m in model.adapter_layers.values()]
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2, 1]))
+    for h in handles:
+        h.remove()
+    out.loss.backward()
+    assert len(pis) == 4
+    for pi in pis:
+        assert pi.shape == (4, 7, 4, 3)
+        torch.testing.assert_close(pi.sum(-1), torch.ones(4, 7, 4), atol=1e-6, rtol=0)
+    for name, p in model.trainable_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert set(out.aux_losses) == {"balance", "spectral"}
+
+
+def test_balance_loss_with_fine_grained_routing_matches_numpy():
+    _, model = make(block_type="ffn", routing_group_size=8, spectral_mode="off")
+    perturb_adapters(model)
+    model.train()
+    ids, mask, labels = tiny_batch()
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].detach().numpy()))
+               for m in model.adapter_layers.values()]
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in handles:
+        h.remove()
+    valid = mask.numpy().astype(bool)
+    values = []
+    for layer, u in inputs.items():
+        logit = (u @ layer.lora_router.detach().numpy().T).reshape(4, 7, 4, 3)
+        pi = np.exp(logit - logit.max(-1, keepdims=True))
+        pi /= pi.sum(-1, keepdims=True)
+        means = pi[valid].reshape(-1, 3).mean(0)  # over batch, non-padding tokens and groups
+        values.append(means.var(ddof=1) / (means.mean() ** 2 + 1e-10))
+    assert set(out.aux_losses) == {"balance"}
+    assert abs(float(out.aux_losses["balance"]) - np.mean(values)) < 1e-5
+
+
+def np_released_term(b: np.ndarray) -> float:
+    r = b.shape[1]
+    sigma = np.linalg.svd(b, compute_uv=False)
+    w = np.exp(-sigma / (sigma.mean() + 1e-8))
+    c = np.linalg.norm(b) / np.sqrt(r) + 1e-8
+    total = 0.0
+    for i in range(r):
+        for j in range(r):
+            g = sum(b[k, i] * b[k, j] for k in range(b.shape[0]))
+            total += (w[i] * w[j] * (g - (c**2 if i == j else 0.0))) ** 2
+    return total
+
+
+def test_spectral_released_matches_hand_computation_and_subsamples_by_step():
+    rng = np.random.default_rng(0)
+    mats = [rng.normal(size=(6, 3)) * s for s in (0.5, 1.0, 2.0, 0.1)]
+    terms = [np_released_term(m) for m in mats]
+    got = spectral_released([torch.tensor(m, requires_grad=True) for m in mats], step=0, max_matrices=64)
+    # the singular values are taken in fp32 (as the released code), hence the 1e-6 relative tolerance
+    assert abs(float(got.detach()) - np.mean(terms)) < 1e-6 * np.mean(terms)
+    sub = float(spectral_released([torch.tensor(m) for m in mats], step=7, max_matrices=2))
+    pairs = [np.mean([terms[i], terms[j]]) for i in range(4) for j in range(i + 1, 4)]
+    assert min(abs(sub - p) for p in pairs) < 1e-6 * sub
+    assert sub == float(spectral_released([torch.tensor(m) for m in mats], step=7, max_matrices=2))
+    assert float(spectral_released([torch.zeros(6, 3)])) < 1e-20  # all-zero B (at init): finite, ~0 (c = 1e-8)
+
+
+def test_spectral_paper_matches_hand_computation():
+    rng = np.random.default_rng(1)
+    experts = [rng.normal(size=(3, 8, 2)), rng.normal(size=(2, 8, 2))]  # two adapters: E = 3 and E = 2
+    expected = []
+    for bs in experts:
+        total = 0.0
+        for i in range(len(bs)):
+            u, s, _ = np.linalg.svd(bs[i], full_matrices=False)
+            w = np.exp(-s / s.mean())
+            for j in range(len(bs)):
+                if i != j:
+                    for k in range(len(s)):
+                        total += w[k] * np.sum((u[:, k] @ bs[j]) ** 2)
+        expected.append(total)
+    got = spectral_paper([torch.tensor(bs, requires_grad=True) for bs in experts])
+    assert abs(float(got.detach()) - np.mean(expected)) < 1e-6 * np.mean(expected)
+    got.backward()  # gradient flows to B (the SVD is treated as a constant)
+
+
+@pytest.mark.parametrize("mode", ["released", "paper"])
+def test_spectral_term_is_added_only_at_trigger_steps(mode):
+    _, model = make(spectral_mode=mode, spectral_every=3, spectral_weight=2.0, balance_weight=0.0)
+    perturb_adapters(model)
+    model.train()
+    ids, mask, labels = tiny_batch()
+    assert [s for s in range(9) if spectral_due(s, 3)] == [2, 5, 8]
+    values = {}
+    for step in (0, 2):
+        model.set_global_step(step)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        values[step] = (out.loss.detach(), out.aux_losses["spectral"])
+    assert float(values[0][1]) == 0.0 and float(values[2][1]) > 0
+    torch.testing.assert_close(values[2][0] - values[0][0], 2.0 * values[2][1], atol=1e-5, rtol=1e-5)
+    assert mtpeft.MtLoRAConfig(spectral_mode=mode).spectral_period == (500 if mode == "released" else 1)
+
+
+def test_component_mode_is_hydralora_with_mtlora_flags_and_bert_blocks_work():
+    _, model = make(block_type="component", target_modules=["q_proj", "v_proj"], routing_group_size=None)
+    assert all(isinstance(m, HydraLoRALinear) for m in model.adapter_layers.values())
+    assert len(model.adapter_layers) == 4
+    base, bert = make("bert", block_type="both")
+    names = sorted(bert.adapter_layers)
+    assert names[0].endswith("layer.0.attention.output.dense") and names[1].endswith("layer.0.output.dense")
+    perturb_adapters(bert)
+    bert.train()
+    ids, mask, labels = tiny_batch()
+    out = bert(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert all(p.grad is not None for _, p in bert.trainable_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, model = make(spectral_mode="off")
+    perturb_adapters(model)
+    model.train()
+    ids, mask, labels = tiny_batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for n, p in model.trainable_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
+
+def test_errors_name_fields_and_architectures_without_blocks():
+    with pytest.raises(mtpeft.ConfigError, match=r"block_type must be one of \['ffn', 'attn', 'both', 'component'\]"):
+        mtpeft.MtLoRAConfig(block_type="mlp")
+    with pytest.raises(mtpeft.ConfigError, match=r"spectral_mode must be one of \['released', 'paper', 'off'\]"):
+        mtpeft.MtLoRAConfig(spectral_mode="on")
+
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    with pytest.raises(mtpeft.ConfigError, match="no transformer layers.*`mlp` / `self_attn`.*component"):
+        mtpeft.get_mt_model(NoBlocks(), {"method": "mtlora"})
+    with pytest.raises(mtpeft.ConfigError, match="routing_group_size=12 must divide the output dimension 32"):
+        make(routing_group_size=12)
+
+
+def test_parameter_counts_at_paper_settings_on_meta_llama2_7b():
+    import transformers as tf
+
+    def meta_llama():
+        with torch.device("meta"):
+            return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=4096, intermediate_size=11008,
+                                                      num_hidden_layers=32, num_attention_heads=32,
+                                                      vocab_size=32000))
+
+    paper = {"method": "mtlora", "r": 16, "alpha": 64, "num_experts": 16, "block_type": "ffn"}
+    model = mtpeft.get_mt_model(meta_llama(), {**paper, "routing_group_size": 2048})
+    assert model.num_trainable_parameters() == 39_845_888
+    assert next(iter(model.adapter_layers.values())).lora_B.device.type == "meta"
+    assert mtpeft.get_mt_model(meta_llama(), {**paper, "routing_group_size": 4096}).num_trainable_parameters() \
+        == 37_748_736
+    baseline = {**paper, "block_type": "component", "target_modules": ["q_proj", "v_proj"],
+                "routing_group_size": None}
+    assert mtpeft.get_mt_model(meta_llama(), baseline).num_trainable_parameters() == 75_497_472
