@@ -15,7 +15,8 @@ from mtpeft.approx import approximate_factors
 
 def calibration(seed: int = 1):
     ids, mask, labels = tiny_batch(seed=seed)
-    return [{"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": torch.tensor([0, 1, 2, 1])}]
+    task_ids = torch.tensor([0, 1, 2, 1])
+    return [{"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}]
 
 
 def make(base, method: str, **overrides):
@@ -97,8 +98,8 @@ def test_mtlora_blocks_are_fitted_onto_the_output_linear_and_load_in_peft(block_
     out_name = "down_proj" if block_type == "ffn" else "o_proj"
     report = model.export_peft(tmp_path / "peft", rank=4, calibration=calibration())
     assert report["target_modules"] == [out_name]
-    assert set(report["module_errors"]) == {f"model.layers.{i}.{'mlp' if block_type == 'ffn' else 'self_attn'}."
-                                            f"{out_name}" for i in range(2)}
+    block = "mlp" if block_type == "ffn" else "self_attn"
+    assert set(report["module_errors"]) == {f"model.layers.{i}.{block}.{out_name}" for i in range(2)}
     assert 0 < report["relative_error"] < 1
     assert set(report["module_kinds"].values()) == {"block"}
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
@@ -110,14 +111,15 @@ def test_mtlora_blocks_are_fitted_onto_the_output_linear_and_load_in_peft(block_
 
 
 def test_block_fit_is_exact_when_the_delta_is_a_linear_map_of_the_output_linear_input():
-    """If Delta(u) happens to equal W h for the down_proj input h, least squares must recover it (error ~0)."""
+    """If Delta(u) happens to equal W h for the down_proj input h, least squares must recover W (error ~0)."""
     base = tiny_model("llama")
     model = make(base, "mtlora", block_type="ffn", routing_group_size=None)
     cal = calibration(1) + calibration(2) + calibration(3)  # 78 tokens > 48 = dim(h): W is determined
     target = torch.randn(32, 48) * 0.1
     for layer in model.adapter_layers.values():
         store = {}
-        layer.output_linear().register_forward_pre_hook(lambda m, args, _s=store: _s.__setitem__("h", args[0]))
+        layer.output_linear().register_forward_pre_hook(
+            lambda m, args, _s=store: _s.__setitem__("h", args[0]))
         layer.block_delta = lambda u, _s=store: _s["h"] @ target.T  # replaces the routed delta
     factors, report = approximate_factors(model, None, 32, cal, ridge=1e-10)
     assert report["relative_error"] < 1e-4

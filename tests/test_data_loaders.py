@@ -19,7 +19,9 @@ def write(path: Path, text: str | bytes) -> Path:
 
 
 def test_json_list_and_lines(tmp_path: Path) -> None:
-    p = write(tmp_path / "a.json", '[\n  {"input": "x", "target": "1"},\n\n  {"input": "y", "target": "2"}\n]\n')
+    p = write(
+        tmp_path / "a.json", '[\n  {"input": "x", "target": "1"},\n\n  {"input": "y", "target": "2"}\n]\n'
+    )
     recs = read_located_records(p)
     assert [r.data["input"] for r in recs] == ["x", "y"]
     assert [r.line for r in recs] == [2, 4]
@@ -71,7 +73,10 @@ def test_jsonl_and_malformed_line(tmp_path: Path) -> None:
 def test_tsv_quote_none_like_glue(tmp_path: Path) -> None:
     # GLUE TSVs contain unbalanced double quotes; standard CSV quoting would merge rows.
     p = write(tmp_path / "t.tsv", 'sentence\tlabel\nhe said " hi\t1\nshe said " bye "\t0\n')
-    assert read_records(p) == [{"sentence": 'he said " hi', "label": "1"}, {"sentence": 'she said " bye "', "label": "0"}]
+    assert read_records(p) == [
+        {"sentence": 'he said " hi', "label": "1"},
+        {"sentence": 'she said " bye "', "label": "0"},
+    ]
 
 
 def test_tsv_wrong_field_count_names_line(tmp_path: Path) -> None:
@@ -103,7 +108,7 @@ def test_csv_quoted_multiline(tmp_path: Path) -> None:
 
 
 def test_non_utf8_bytes_name_line(tmp_path: Path) -> None:
-    p = write(tmp_path / "latin.jsonl", '{"a": "ok"}\n{"a": "caf'.encode() + b"\xe9" + b'"}\n')
+    p = write(tmp_path / "latin.jsonl", b'{"a": "ok"}\n{"a": "caf' + b"\xe9" + b'"}\n')
     with pytest.raises(DataFormatError) as ei:
         read_records(p)
     msg = str(ei.value)

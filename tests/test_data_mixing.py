@@ -31,8 +31,13 @@ def test_probabilities() -> None:
     [("proportional", 1.0, [0.25, 0.75]), ("temperature", 2.0, [1 / 3, 2 / 3]), ("uniform", 1.0, [0.5, 0.5])],
 )
 def test_strategy_statistics(strategy: str, temperature: float, expected: list[float]) -> None:
-    sampler = MixtureSampler([100, 400] if strategy == "temperature" else [100, 300], batch_size=16,
-                             strategy=strategy, temperature=temperature, seed=1)
+    sampler = MixtureSampler(
+        [100, 400] if strategy == "temperature" else [100, 300],
+        batch_size=16,
+        strategy=strategy,
+        temperature=temperature,
+        seed=1,
+    )
     # 16 * 600 = 9600 draws: the binomial standard deviation is under 0.005
     assert task_fractions(sampler, 600) == pytest.approx(expected, abs=0.02)
 
@@ -53,7 +58,9 @@ def test_task_balanced_batches() -> None:
     sampler = MixtureSampler([10, 3, 50], batch_size=6, task_balanced=2, seed=0)
     for batch in sampler.stream(20):
         assert [t for t, _ in batch] == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match=r"task_balanced=2 with 3 tasks needs batch_size=6 .*got batch_size=8"):
+    with pytest.raises(
+        ValueError, match=r"task_balanced=2 with 3 tasks needs batch_size=6 .*got batch_size=8"
+    ):
         MixtureSampler([10, 3, 50], batch_size=8, task_balanced=2)
     with pytest.raises(ValueError, match=r"tasks \[1\] are empty"):
         MixtureSampler([10, 0], batch_size=2, task_balanced=1)
@@ -84,7 +91,9 @@ def test_deterministic_given_seed() -> None:
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"strategy": "temperature", "temperature": 3.0}, {"task_balanced": 3}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"strategy": "temperature", "temperature": 3.0}, {"task_balanced": 3}]
+)
 def test_resume_equals_uninterrupted(kwargs: dict) -> None:
     sizes = [13, 29, 4]
     bs = 9

@@ -64,15 +64,27 @@ def test_label_map_defines_labels_and_must_fit_them() -> None:
     assert s.labels == ["neg", "pos"] and s.resolved_positive_label() == "pos"
     with pytest.raises(TaskSpecError, match=r"label_map values \['pos'\] are not in labels"):
         TaskSpec(
-            name="s", source="x", type="classification", target=" {l}", labels=["neg", "x"], label_map={"1": "pos"}
+            name="s",
+            source="x",
+            type="classification",
+            target=" {l}",
+            labels=["neg", "x"],
+            label_map={"1": "pos"},
         )
 
 
 def test_to_dict_from_dict_roundtrip_and_unknown_key() -> None:
     s = TaskSpec(
-        name="cola", source="glue/CoLA/train.tsv", eval_source="glue/CoLA/dev.tsv", type="classification",
-        prompt="S: {sentence}\nOK?", target=" {label}", label_map={"0": "no", "1": "yes"}, metric="mcc",
-        columns=["a", "label", "c", "sentence"], tsv_header=False,
+        name="cola",
+        source="glue/CoLA/train.tsv",
+        eval_source="glue/CoLA/dev.tsv",
+        type="classification",
+        prompt="S: {sentence}\nOK?",
+        target=" {label}",
+        label_map={"0": "no", "1": "yes"},
+        metric="mcc",
+        columns=["a", "label", "c", "sentence"],
+        tsv_header=False,
     )
     d = s.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -137,7 +149,13 @@ def test_missing_template_field_names_task_file_line_field(tmp_path: Path) -> No
     with pytest.raises(DataFormatError) as ei:
         load_task(TaskSpec(name="myqa", source="qa.jsonl"), tmp_path)
     msg = str(ei.value)
-    for part in ("task 'myqa'", str(p), "line 2", "field 'input'", "available fields: ['question', 'target']"):
+    for part in (
+        "task 'myqa'",
+        str(p),
+        "line 2",
+        "field 'input'",
+        "available fields: ['question', 'target']",
+    ):
         assert part in msg
 
 
@@ -145,8 +163,12 @@ def test_classification_label_outside_set_names_file_line_value(tmp_path: Path) 
     p = tmp_path / "sst.tsv"
     p.write_text("sentence\tlabel\ngood film\tpositive\nbad film\tnegative\nodd film\tneutral\n")
     spec = TaskSpec(
-        name="sst", source="sst.tsv", type="classification", prompt="{sentence}\nSentiment:",
-        target=" {label}", labels=["negative", "positive"],
+        name="sst",
+        source="sst.tsv",
+        type="classification",
+        prompt="{sentence}\nSentiment:",
+        target=" {label}",
+        labels=["negative", "positive"],
     )
     with pytest.raises(DataFormatError) as ei:
         load_task(spec, tmp_path)
@@ -157,8 +179,12 @@ def test_classification_label_outside_set_names_file_line_value(tmp_path: Path) 
 def test_label_map_and_field_renames(tmp_path: Path) -> None:
     (tmp_path / "mrpc.tsv").write_text("Quality\t#1 String\t#2 String\n1\ta b\ta  b\n0\tx\ty\n")
     spec = TaskSpec(
-        name="mrpc", source="mrpc.tsv", type="classification", prompt="{s1} / {s2}\nSame?",
-        target=" {label}", fields={"s1": "#1 String", "s2": "#2 String", "label": "Quality"},
+        name="mrpc",
+        source="mrpc.tsv",
+        type="classification",
+        prompt="{s1} / {s2}\nSame?",
+        target=" {label}",
+        fields={"s1": "#1 String", "s2": "#2 String", "label": "Quality"},
         label_map={"0": "no", "1": "yes"},
     )
     d = load_task(spec, tmp_path)
@@ -177,8 +203,15 @@ def test_multiple_choice_options_field_and_answer_check(tmp_path: Path) -> None:
         {"q": "pick z", "opts": ["a", "b"], "ans": "z"},
     ]
     write_jsonl(tmp_path / "mc.jsonl", rows)
-    spec = TaskSpec(name="mc", source="mc.jsonl", type="multiple_choice", prompt="{q}:", target=" {ans}",
-                    options_field="opts", max_train=1)
+    spec = TaskSpec(
+        name="mc",
+        source="mc.jsonl",
+        type="multiple_choice",
+        prompt="{q}:",
+        target=" {ans}",
+        options_field="opts",
+        max_train=1,
+    )
     with pytest.raises(DataFormatError, match=r"mc.jsonl line 2.*answer 'z'.*not one of the options"):
         load_task(spec, tmp_path)
     write_jsonl(tmp_path / "mc.jsonl", rows[:1])
@@ -187,15 +220,30 @@ def test_multiple_choice_options_field_and_answer_check(tmp_path: Path) -> None:
 
 
 def test_transform_llm_adapters_options(tmp_path: Path) -> None:
-    rows = [{"instruction": "Q?\n\nAnswer1: x Answer2: y\n\nAnswer format: answer1/answer2", "input": "",
-             "output": "the correct answer is answer2", "answer": "answer2"}]
+    rows = [
+        {
+            "instruction": "Q?\n\nAnswer1: x Answer2: y\n\nAnswer format: answer1/answer2",
+            "input": "",
+            "output": "the correct answer is answer2",
+            "answer": "answer2",
+        }
+    ]
     (tmp_path / "t.json").write_text(json.dumps(rows))
-    spec = TaskSpec(name="arc", source="t.json", type="multiple_choice", prompt="{instruction}\nAnswer:",
-                    target=" {answer}", options_field="options", transform="llm_adapters_options")
+    spec = TaskSpec(
+        name="arc",
+        source="t.json",
+        type="multiple_choice",
+        prompt="{instruction}\nAnswer:",
+        target=" {answer}",
+        options_field="options",
+        transform="llm_adapters_options",
+    )
     ex = load_task(spec, tmp_path).train[0]
     assert ex.options == ["answer1", "answer2"] and ex.label == "answer2"
     (tmp_path / "t.json").write_text(json.dumps([{**rows[0], "instruction": "no format line"}]))
-    with pytest.raises(DataFormatError, match=r"t.json line 1 \(record 0\): transform 'llm_adapters_options'"):
+    with pytest.raises(
+        DataFormatError, match=r"t.json line 1 \(record 0\): transform 'llm_adapters_options'"
+    ):
         load_task(spec, tmp_path)
 
 
@@ -213,9 +261,16 @@ def test_huggingface_source_via_monkeypatched_datasets(monkeypatch: pytest.Monke
         return [{"sentence": f"{split} {i}", "label": i % 2} for i in range(n)]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
-    spec = TaskSpec(name="sst2", source="nyu-mll/glue", subset="sst2", eval_split="validation",
-                    type="classification", prompt="{sentence}", target=" {label}",
-                    label_map={"0": "negative", "1": "positive"})
+    spec = TaskSpec(
+        name="sst2",
+        source="nyu-mll/glue",
+        subset="sst2",
+        eval_split="validation",
+        type="classification",
+        prompt="{sentence}",
+        target=" {label}",
+        label_map={"0": "negative", "1": "positive"},
+    )
     d = load_task(spec)
     assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
     assert (len(d.train), len(d.eval)) == (6, 2) and d.train[1].label == "positive"

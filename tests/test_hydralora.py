@@ -1,4 +1,4 @@
-"""HydraLoRA: routing, fine-grained routing, the CV^2 balance loss (checked against numpy), parameter counts."""
+"""HydraLoRA: routing, fine-grained routing, the CV^2 balance loss (checked with numpy), parameter counts."""
 
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def test_balance_loss_of_a_training_forward_matches_numpy_and_enters_the_loss():
     model.train()
     ids, mask, labels = tiny_batch()
     inputs = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.module_name, args[0].detach()))
-               for m in model.adapter_layers.values()]
+    def keep(mod, args):
+        inputs[mod.module_name] = args[0].detach()
+
+    handles = [m.register_forward_pre_hook(keep) for m in model.adapter_layers.values()]
     out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2, 0]))
     for h in handles:
         h.remove()
@@ -118,8 +120,9 @@ def test_parameter_count_at_paper_setting_on_meta_llama2_7b():
     import transformers as tf
 
     with torch.device("meta"):
-        base = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                                  num_attention_heads=32, vocab_size=32000))
+        base = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=4096, intermediate_size=11008,
+                                                  num_hidden_layers=32, num_attention_heads=32,
+                                                  vocab_size=32000))
     model = mtpeft.get_mt_model(base, {"method": "hydralora", "r": 16, "alpha": 64, "num_experts": 16,
                                        "target_modules": ["q_proj", "v_proj"]})
     assert model.num_trainable_parameters() == 75_497_472

@@ -1,4 +1,4 @@
-"""MoE-LoRA: task-gated (MOELoRA, exact per-task merges, unknown-task row) and token-gated (top-k, balance loss)."""
+"""MoE-LoRA: task-gated (MOELoRA: exact per-task merges, unknown-task row) and token-gated (top-k)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def test_unknown_task_row_is_used_without_ids_at_inference_but_training_needs_id
     model.context.task_ids = None
     x = torch.randn(2, 3, layer.in_features)
     # row T (= 3) of the embedding is the unknown task: the gate softmax(W_g Emb(3))
-    torch.testing.assert_close(layer.adapter_output(x), x @ layer.delta_weight(len(TASKS)).T, atol=1e-5, rtol=0)
+    unknown = layer.delta_weight(len(TASKS))
+    torch.testing.assert_close(layer.adapter_output(x), x @ unknown.T, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer.delta_weight(None), layer.delta_weight(len(TASKS)))
     no_ids = logits(model, ids, mask)
     assert (no_ids - logits(model, ids, mask, 0)).abs().max() > 1e-4
@@ -86,8 +87,10 @@ def test_token_gating_top_k_sums_to_one_trains_and_balance_loss_matches_numpy():
     model.train()
     ids, mask, labels = tiny_batch()
     inputs = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.module_name, args[0].detach()))
-               for m in model.adapter_layers.values()]
+    def keep(mod, args):
+        inputs[mod.module_name] = args[0].detach()
+
+    handles = [m.register_forward_pre_hook(keep) for m in model.adapter_layers.values()]
     out = model(input_ids=ids, attention_mask=mask, labels=labels)  # no task ids needed
     for h in handles:
         h.remove()

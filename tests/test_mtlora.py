@@ -51,7 +51,8 @@ def test_block_delta_is_fed_the_block_input_and_added_to_its_output():
     def capture(module, args, kwargs, output):
         record[module] = (BlockAdapter.first_input(args, kwargs), output)  # positional or hidden_states=
 
-    handles = [m.base_layer.register_forward_hook(capture, with_kwargs=True) for m in model.adapter_layers.values()]
+    layers = list(model.adapter_layers.values())
+    handles = [m.base_layer.register_forward_hook(capture, with_kwargs=True) for m in layers]
     wrapped = {}
     handles += [m.register_forward_hook(lambda mod, a, o: wrapped.__setitem__(mod, o))
                 for m in model.adapter_layers.values()]
@@ -103,8 +104,10 @@ def test_balance_loss_with_fine_grained_routing_matches_numpy():
     model.train()
     ids, mask, labels = tiny_batch()
     inputs = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0].detach().numpy()))
-               for m in model.adapter_layers.values()]
+    def keep(mod, args):
+        inputs[mod] = args[0].detach().numpy()
+
+    handles = [m.register_forward_pre_hook(keep) for m in model.adapter_layers.values()]
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     for h in handles:
         h.remove()
@@ -144,7 +147,7 @@ def test_spectral_released_matches_hand_computation_and_subsamples_by_step():
     pairs = [np.mean([terms[i], terms[j]]) for i in range(4) for j in range(i + 1, 4)]
     assert min(abs(sub - p) for p in pairs) < 1e-6 * sub
     assert sub == float(spectral_released([torch.tensor(m) for m in mats], step=7, max_matrices=2))
-    assert float(spectral_released([torch.zeros(6, 3)])) < 1e-20  # all-zero B (at init): finite, ~0 (c = 1e-8)
+    assert float(spectral_released([torch.zeros(6, 3)])) < 1e-20  # all-zero B (at init): finite and ~0
 
 
 def test_spectral_paper_matches_hand_computation():
@@ -213,9 +216,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_errors_name_fields_and_architectures_without_blocks():
-    with pytest.raises(mtpeft.ConfigError, match=r"block_type must be one of \['ffn', 'attn', 'both', 'component'\]"):
+    allowed = r"\['ffn', 'attn', 'both', 'component'\]"
+    with pytest.raises(mtpeft.ConfigError, match=r"MtLoRAConfig\.block_type must be one of " + allowed):
         mtpeft.MtLoRAConfig(block_type="mlp")
-    with pytest.raises(mtpeft.ConfigError, match=r"spectral_mode must be one of \['released', 'paper', 'off'\]"):
+    with pytest.raises(mtpeft.ConfigError, match=r"spectral_mode must be one of \['released', 'paper'"):
         mtpeft.MtLoRAConfig(spectral_mode="on")
 
     class NoBlocks(nn.Module):
@@ -242,8 +246,34 @@ def test_parameter_counts_at_paper_settings_on_meta_llama2_7b():
     model = mtpeft.get_mt_model(meta_llama(), {**paper, "routing_group_size": 2048})
     assert model.num_trainable_parameters() == 39_845_888
     assert next(iter(model.adapter_layers.values())).lora_B.device.type == "meta"
-    assert mtpeft.get_mt_model(meta_llama(), {**paper, "routing_group_size": 4096}).num_trainable_parameters() \
-        == 37_748_736
+    scalar = mtpeft.get_mt_model(meta_llama(), {**paper, "routing_group_size": 4096})
+    assert scalar.num_trainable_parameters() == 37_748_736
     baseline = {**paper, "block_type": "component", "target_modules": ["q_proj", "v_proj"],
                 "routing_group_size": None}
     assert mtpeft.get_mt_model(meta_llama(), baseline).num_trainable_parameters() == 75_497_472
+
+
+def test_layers_to_transform_limits_the_block_adapters():
+    _, model = make(layers_to_transform=[1], block_type="both")
+    assert sorted(model.adapter_layers) == ["model.layers.1.mlp", "model.layers.1.self_attn"]
+    assert "block_type=both" in model.describe()
+    with pytest.raises(mtpeft.ConfigError, match=r"layers_to_transform \[7\] selects no layer"):
+        make(layers_to_transform=[7])
+
+
+def test_other_decoders_with_an_mlp_child_work_and_export_explains_a_missing_output_linear():
+    """GPT-2 layers have an `mlp` child (Conv1D projections, so no nn.Linear to fit an export onto)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    base = tf.GPT2LMHeadModel(config).eval()
+    model = mtpeft.get_mt_model(copy.deepcopy(base), {"method": "mtlora", "r": 4, "num_experts": 2})
+    assert sorted(model.adapter_layers) == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    ids, mask, _ = tiny_batch()
+    torch.testing.assert_close(logits(model, ids, mask), logits(base, ids, mask), atol=1e-5, rtol=0)
+    with pytest.raises(mtpeft.MergeError, match="no single output linear layer"):
+        model.export_peft("/nonexistent/never-written", rank=2,
+                          calibration=[{"input_ids": ids, "attention_mask": mask}])
+    with pytest.raises(mtpeft.ConfigError, match="no transformer layers with 'attn' sub-blocks"):
+        mtpeft.get_mt_model(copy.deepcopy(base), {"method": "mtlora", "block_type": "attn"})

@@ -9,10 +9,11 @@ calibration data and measures how well it reproduces the adapter:
   truncated to rank k by SVD. With routing that does not depend on the input (e.g. a zero router: uniform
   weights) this is exact at full rank.
 - **mtLoRA block adapters** (a path around a whole MLP / attention block, not a single linear): the update is
-  fitted onto the block's own output linear (``mlp.down_proj``, ``self_attn.o_proj``, BERT's ``output.dense``):
-  Delta_W = argmin sum_tokens ||Delta_W h - Delta(u)||^2 + lambda ||Delta_W||^2, with h that linear's input and
-  Delta(u) the adapter's output on the same token, i.e. Delta_W = C (H + lambda I)^-1 with H = sum h h^T,
-  C = sum Delta(u) h^T and lambda = ``ridge`` * trace(H) / dim(h); then truncated to rank k by SVD.
+  fitted onto the block's own output linear (``mlp.down_proj``, ``self_attn.o_proj``, BERT's
+  ``output.dense``): Delta_W = argmin sum_tokens ||Delta_W h - Delta(u)||^2 + lambda ||Delta_W||^2, with h
+  that linear's input and Delta(u) the adapter's output on the same token, i.e. Delta_W = C (H + lambda I)^-1
+  with H = sum h h^T, C = sum Delta(u) h^T and lambda = ``ridge`` * trace(H) / dim(h); then truncated to rank
+  k by SVD.
 
 A second pass over the calibration data measures the relative error ||approx - true|| / ||true|| of the
 adapter outputs on the non-padding tokens, per module and overall (all modules pooled).
@@ -235,8 +236,8 @@ def approximate_factors(model: MTModel, task: int | str | None, rank: int,
     ``calibration``: batches (dicts with input_ids, attention_mask, task_ids; labels are ignored); only the
     rows of ``task`` are used when it is given. Returns ``({module_name: (A (k x d_in), B (d_out x k))},
     report)``; the report has the overall and per-module relative output errors on the calibration tokens
-    (``relative_error``, ``module_errors``), the SVD truncation errors of the weight updates, the token count and
-    the mean routing weights. ``ridge`` is the relative ridge of the block least-squares fits;
+    (``relative_error``, ``module_errors``), the SVD truncation errors of the weight updates, the token count
+    and the mean routing weights. ``ridge`` is the relative ridge of the block least-squares fits;
     ``modules_per_pass`` bounds how many modules collect statistics at once (block fits hold a dim(h)^2 matrix
     each), at the price of more passes over the calibration data.
     """
@@ -252,15 +253,16 @@ def approximate_factors(model: MTModel, task: int | str | None, rank: int,
         if _is_component(layer):
             probes.append(_ComponentProbe(name, layer, tokens))
         elif _is_block(layer):
+            layer.output_linear()  # fails early, with the reason, for blocks without a single output linear
             probes.append(_BlockProbe(name, layer, tokens, ridge=ridge))
     if not probes:
         raise MergeError(model.method.merge_error or (
             f"method {model.method.name!r} has no adapter layer with a linear approximation to export"))
     batches = list(calibration) if calibration is not None else []
     if not batches:
-        raise MergeError(f"method {model.method.name!r} is input-routed: exporting a plain LoRA needs calibration "
-                         f"batches (calibration=[{{'input_ids', 'attention_mask', 'task_ids'}}, ...]) to estimate "
-                         f"the routing statistics and measure the error")
+        raise MergeError(f"method {model.method.name!r} is input-routed: exporting a plain LoRA needs "
+                         f"calibration batches (calibration=[{{'input_ids', 'attention_mask', 'task_ids'}}, "
+                         f"...]) to estimate the routing statistics and measure the error")
     tid = None if task is None else model.task_index(task)
     was_training = model.training
     model.eval()
@@ -270,11 +272,11 @@ def approximate_factors(model: MTModel, task: int | str | None, rank: int,
         for start in range(0, len(probes), step):
             chunk = probes[start:start + step]
             for stage in ("stats", "error"):
-                for p in chunk:
-                    if stage == "error":
-                        p.finalize(rank)
-                    getattr(p, f"attach_{stage}")()
                 try:
+                    for p in chunk:
+                        if stage == "error":
+                            p.finalize(rank)
+                        getattr(p, f"attach_{stage}")()
                     tokens_seen = _run(model, batches, tid, tokens)
                 finally:
                     for p in chunk:
@@ -300,7 +302,8 @@ def approximate_factors(model: MTModel, task: int | str | None, rank: int,
         "module_errors": module_errors,
         "truncation_errors": {p.export_name: p.truncation_error for p in probes},
         "module_kinds": {p.export_name: p.kind for p in probes},
-        "mean_routing": {p.export_name: p.mean_routing.tolist() for p in probes if hasattr(p, "mean_routing")},
+        "mean_routing": {p.export_name: p.mean_routing.tolist() for p in probes
+                         if isinstance(p, _ComponentProbe)},
         "calibration_tokens": tokens_seen,
         "ridge": ridge,
     }

@@ -38,10 +38,11 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .runconfig import load_run_config
-    from .train import resolve_task_specs
+    from .train import method_config_for, resolve_task_specs
 
     cfg = load_run_config(args.config, args.set)
     specs = resolve_task_specs(cfg)
+    method_config_for(cfg, [s.name for s in specs])
     print(f"{args.config}: valid. method={cfg.method['method']} tasks={len(specs)} steps={cfg.train.steps} "
           f"output_dir={cfg.output_dir}")
     return 0

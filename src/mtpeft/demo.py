@@ -60,8 +60,8 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     exports = out / "peft"
     model = trainer.model
     written = []
-    if model.method.merge != "none":
-        tasks = model.tasks if model.method.merge == "per_task" else [None]
+    if model.merge_kind != "none":
+        tasks = model.tasks if model.merge_kind == "per_task" else [None]
         for task in tasks:
             target = exports / (task or "all")
             model.export_peft(target, task=task)

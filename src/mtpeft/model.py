@@ -399,7 +399,7 @@ class MTModel(nn.Module):
 
     @property
     def merge_kind(self) -> str:
-        """'global', 'per_task' or 'none' for this adapter's config (``MethodSpec.merge_for`` may override)."""
+        """'global', 'per_task' or 'none' for this adapter (``MethodSpec.merge_for`` may override it)."""
         spec = self.method
         return spec.merge_for(self.adapter_config) if spec.merge_for is not None else spec.merge
 
@@ -408,8 +408,8 @@ class MTModel(nn.Module):
         kind = self.merge_kind
         if kind == "none":
             raise MergeError(method.merge_error or (
-                f"method {method.name!r} routes each token between experts from its input, so no fixed weight "
-                f"update equals it and it cannot be merged; use export_peft(path, task=..., rank=k, "
+                f"method {method.name!r} routes each token between experts from its input, so no fixed "
+                f"weight update equals it and it cannot be merged; use export_peft(path, task=..., rank=k, "
                 f"calibration=batches) for an approximate per-task plain LoRA, or keep the adapter unmerged"
             ))
         if kind == "per_task" and task is None:

@@ -47,9 +47,9 @@ def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
             names = entry.split(":", 1)[1].split(",") if ":" in entry else None
             found = demo_specs(seed=cfg.train.seed, names=names)
         elif isinstance(entry, str):
-            from .data import presets
+            from .data.presets import preset
 
-            found = presets.preset(entry, root)
+            found = preset(entry, root)
         else:
             try:
                 found = [TaskSpec.from_dict(entry)]
@@ -66,6 +66,16 @@ def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
         if cfg.data.max_eval_per_task is not None:
             spec.max_eval = min(spec.max_eval or cfg.data.max_eval_per_task, cfg.data.max_eval_per_task)
     return specs
+
+
+def method_config_for(cfg: RunConfig, task_names: list[str]) -> Any:
+    """The validated adapter config of a run, with its resolved task list."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict({**cfg.method, "tasks": task_names})
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"method: {exc}") from exc
 
 
 def load_tasks(specs: list[TaskSpec], data_root: str | None) -> list[tuple[TaskSpec, TaskData]]:
@@ -233,13 +243,13 @@ class Trainer:
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
         self.tasks = tasks if tasks is not None else load_tasks(resolve_task_specs(cfg), cfg.data.root)
         self.task_names = [spec.name for spec, _ in self.tasks]
+        method_cfg = method_config_for(cfg, self.task_names)  # fail before the model is loaded
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         if model is None:
             base = base_model if base_model is not None else load_base_model(
                 cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-            method_cfg = {**cfg.method, "tasks": self.task_names}
             model = get_mt_model(base, method_cfg)
         self.model = model
         if cfg.model.gradient_checkpointing:

@@ -5,16 +5,14 @@ optimizer steps on CPU, while an untrained model scores clearly lower (mostly be
 answer in the expected short form). Targets are 1-3 tokens and scored by exact match, except the
 classification and multiple-choice tasks, scored by option log-likelihood.
 
-========== ================ ======================================================= =============
-task       type             example                                                 answer
-========== ================ ======================================================= =============
-sentiment  classification   ``Review: The pizza was bland, but the staff were        ``positive``
-                            friendly.\\nSentiment:``
-arithmetic generation       ``Add: 12+7=``                                          ``19``
-reverse    generation       ``Reverse the words: cat blue tree\\nAnswer:``           ``tree blue cat``
-extract    generation       ``Anna flew to Berlin on Monday.\\nCity:``               ``Berlin``
-category   multiple_choice  ``Which of these is an animal: chair, tiger, spoon?``    ``tiger``
-========== ================ ======================================================= =============
+Tasks (prompt -> answer):
+
+* ``sentiment`` (classification): ``Review: The pizza was not bland at all.\\nSentiment:`` -> ``positive``
+  (negation and "but"/"although" contrast clauses decide the label);
+* ``arithmetic`` (generation): ``Add: 12+7=`` -> ``19`` (numbers below 100);
+* ``reverse`` (generation): ``Reverse the words: cat blue tree\\nAnswer:`` -> ``tree blue cat``;
+* ``extract`` (generation): ``Anna flew to Berlin on Monday.\\nCity:`` -> ``Berlin``;
+* ``category`` (multiple choice): ``Which of these is an animal: chair, tiger, spoon?\\nAnswer:`` -> ``tiger``.
 """
 
 from __future__ import annotations
@@ -236,10 +234,12 @@ def _sentiment(rng: random.Random) -> dict[str, Any]:
     form = rng.randrange(4)
     if form == 0:
         text = f"{s1.capitalize()} was {adj}."
-    elif form == 1:
-        text = f"I thought {s1} was really {adj}."
-    else:  # contrast: the clause after "but" decides
+    elif form == 1:  # negation flips the adjective
+        text = f"{s1.capitalize()} was not {other} at all."
+    elif form == 2:  # contrast: the clause after "but" decides
         text = f"{s1.capitalize()} was {other}, but {s2} was {adj}."
+    else:
+        text = f"Although {s1} was {other}, {s2} was {adj}."
     return {"text": text, "label": label}
 
 
@@ -284,7 +284,7 @@ DEMO_TASKS: dict[str, tuple[Callable[[], TaskSpec], Generator, Callable[[dict[st
             target=" {label}",
             labels=["negative", "positive"],
             metric="accuracy",
-            description="positive/negative review sentences; with 'but', the second clause decides",
+            description="positive/negative review sentences, with negation and contrast clauses",
         ),
         _sentiment,
         lambda r: r["text"],

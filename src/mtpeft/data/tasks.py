@@ -9,6 +9,7 @@ turns a spec into :class:`TaskData`: lists of :class:`Example`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import re
@@ -83,6 +84,11 @@ def template_fields(template: str) -> list[str]:
     Raises:
         TaskSpecError: the template is malformed or uses positional fields (``{}``, ``{0}``).
     """
+    return list(_template_fields(template))
+
+
+@functools.lru_cache(maxsize=1024)
+def _template_fields(template: str) -> tuple[str, ...]:
     names: list[str] = []
     try:
         parsed = list(_FORMATTER.parse(template))
@@ -100,7 +106,7 @@ def template_fields(template: str) -> list[str]:
             )
         if base not in names:
             names.append(base)
-    return names
+    return tuple(names)
 
 
 # -------------------------------------------------------------------------------------- transforms
@@ -187,7 +193,8 @@ class TaskSpec:
             are shuffled with ``random.Random(seed)``, the first ``k`` are eval, the rest train.
             With none of these, the task has no eval examples.
         seed: seed of the split and of the ``max_train``/``max_eval`` subsampling.
-        max_train, max_eval: caps; larger lists are subsampled with ``seed`` (order kept).
+        max_train, max_eval: caps; larger lists are subsampled with ``seed`` (order kept). Only the
+            kept records are templated and validated.
         options: fixed answer options of a multiple-choice task; or ``options_field``: the record field
             holding each record's list of options.
         labels: the label set of a classification task; ``label_map`` maps raw values of the label field
@@ -481,7 +488,7 @@ def _split_size(n: int, test_size: int | float, cap: int | None) -> int:
 
 
 def _render(spec: TaskSpec, which: str, template: str, view: Mapping[str, Any], rec: Record) -> str:
-    missing = [f for f in template_fields(template) if f not in view]
+    missing = [f for f in _template_fields(template) if f not in view]
     if missing:
         raise DataFormatError(
             f"task {spec.name!r}: {rec.where()}: {which} template {template!r} uses field "
@@ -610,8 +617,9 @@ def load_task(spec: TaskSpec, data_root: str | Path | None = None) -> TaskData:
         train_recs, eval_recs = records, []
     if not train_recs and not eval_recs:
         raise DataFormatError(f"task {spec.name!r}: source {spec.source!r} holds no records")
-    train = _subsample(examples_from_records(spec, train_recs), spec.max_train, spec.seed)
-    evals = _subsample(examples_from_records(spec, eval_recs), spec.max_eval, spec.seed + 1)
+    # Cap before templating: only the kept records are templated and validated.
+    train = examples_from_records(spec, _subsample(train_recs, spec.max_train, spec.seed))
+    evals = examples_from_records(spec, _subsample(eval_recs, spec.max_eval, spec.seed + 1))
     return TaskData(spec, train, evals)
 
 

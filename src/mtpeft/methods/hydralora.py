@@ -1,4 +1,4 @@
-"""HydraLoRA (Tian et al., NeurIPS 2024): a shared down-projection A, N up-projection heads B_i, a token router.
+"""HydraLoRA (Tian et al., NeurIPS 2024): shared down-projection A, N up-projection heads B_i, a token router.
 
 h = W0 x + s * sum_i pi_i(x) B_i A dropout(x), with pi(x) = softmax(W_r x) per token, W_r a bias-free linear
 (Kaiming-uniform), A Kaiming-uniform and every B_i zero, so the adapted model starts equal to the base.
@@ -14,7 +14,7 @@ Options beyond the original:
   the released mtLoRA code), plus 1e-10 in the denominator.
 
 No task ids. Routing depends on the input, so the model cannot be merged; ``export_peft(rank=k,
-calibration=...)`` exports the expected update sum_i E[pi_i] B_i A truncated to rank k (see ``mtpeft.approx``).
+calibration=...)`` exports the expected update sum_i E[pi_i] B_i A truncated to rank k (``mtpeft.approx``).
 
 This module also holds the routing pieces that mtLoRA and token-gated MoE-LoRA reuse.
 """
@@ -85,19 +85,21 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 def balance_loss(means: list[torch.Tensor]) -> torch.Tensor | None:
-    """Mean over adapters of CV^2 of each adapter's mean routing weight per expert (None if nothing cached)."""
+    """Mean over adapters of CV^2 of each adapter's mean routing weight per expert (None if none cached)."""
     if not means:
         return None
     return torch.stack([cv_squared(m) for m in means]).mean()
 
 
-def spectral_released(matrices: list[torch.Tensor], step: int = 0, max_matrices: int = 64) -> torch.Tensor | None:
+def spectral_released(matrices: list[torch.Tensor], step: int = 0,
+                      max_matrices: int = 64) -> torch.Tensor | None:
     """The spectral regularizer as in the released mtLoRA code, mean over the expert matrices B (d x r).
 
-    For each B: G = B^T B (with gradient), sigma = singular values of B (detached), w = exp(-sigma / (mean sigma
-    + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 (detached); term = ||(w w^T) * (G - c^2 I)||_F^2 (w indexes singular
-    values but weights Gram columns, the released code's heuristic pairing). With more than ``max_matrices``
-    matrices a random subset of that size is used, drawn from a generator seeded by ``step``.
+    For each B: G = B^T B (with gradient), sigma = singular values of B (detached, fp32), w = exp(-sigma /
+    (mean sigma + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 (detached); term = ||(w w^T) * (G - c^2 I)||_F^2 (w
+    indexes singular values but weights Gram columns, the released code's heuristic pairing). With more than
+    ``max_matrices`` matrices a random subset of that size is used, drawn from a generator seeded by
+    ``step``.
     """
     if not matrices:
         return None
@@ -123,8 +125,8 @@ def spectral_paper(expert_sets: list[torch.Tensor]) -> torch.Tensor | None:
 
     For each adapter with experts B_1..B_E (E, d, r): B_i = U_i S_i V_i^T, w_{i,k} = exp(-s_{i,k} / mean_k
     s_{i,k}) (SVD detached: weights and directions are constants of the step) and the term is
-    sum_{i != j} sum_k w_{i,k} ||u_{i,k}^T B_j||^2: B_j is pushed out of expert i's weak (low-SV, heavily weighted)
-    directions while its dominant, shared ones (small weight) stay free. Mean over adapters.
+    sum_{i != j} sum_k w_{i,k} ||u_{i,k}^T B_j||^2: B_j is pushed out of expert i's weak (low-SV, heavily
+    weighted) directions while its dominant, shared ones (small weight) stay free. Mean over adapters.
     """
     values = []
     for bs in expert_sets:
@@ -167,11 +169,11 @@ class HydraLoRAConfig(AdapterConfig):
     num_experts: int = field(default=4, metadata={
         "help": "Number N of up-projection heads B_i (HydraLoRA's script: 4; mtLoRA's baseline: 16)."})
     routing_group_size: int | None = field(default=None, metadata={
-        "help": "Fine-grained routing: one softmax over heads per group of this many output channels. None (or "
-                "a value >= out_features) is scalar routing as the original; otherwise it must divide "
+        "help": "Fine-grained routing: one softmax over heads per group of this many output channels. None "
+                "(or a value >= out_features) is scalar routing as the original; otherwise it must divide "
                 "out_features of every target module."})
     balance_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the CV^2 load-balance loss (0 = off, as the original; mtLoRA's baseline uses 0.01)."})
+        "help": "Weight of the CV^2 load-balance loss (0 = off, as the original; mtLoRA's baseline: 0.01)."})
 
     def validate(self) -> None:
         super().validate()
@@ -190,7 +192,8 @@ class HydraLoRALinear(RoutedExpertsMixin, LinearAdapter):
     """A linear with HydraLoRA. Parameters: ``lora_A`` (r x d_in), ``lora_B`` (E x d_out x r, zero at init),
     ``lora_router`` (G*E x d_in, bias-free, Kaiming-uniform)."""
 
-    def __init__(self, base_layer: nn.Linear, config: HydraLoRAConfig, context: TaskContext, name: str = "") -> None:
+    def __init__(self, base_layer: nn.Linear, config: HydraLoRAConfig, context: TaskContext,
+                 name: str = "") -> None:
         super().__init__(base_layer, config, context, name)
         kw = self.factory_kwargs
         r, e = config.r, config.num_experts
@@ -221,7 +224,7 @@ class HydraLoRALinear(RoutedExpertsMixin, LinearAdapter):
         return list(self.lora_B.unbind(0))
 
     def expected_delta_weight(self, mean_pi: torch.Tensor) -> torch.Tensor:
-        """The update for fixed routing weights ``mean_pi`` (G, E): rows of group g get sum_e pi_ge s B_e A."""
+        """The update for fixed routing weights ``mean_pi`` (G, E): group g's rows get sum_e pi_ge s B_e A."""
         rows = mean_pi.to(self.lora_B.dtype).repeat_interleave(self.out_features // self.num_groups, dim=0)
         b_mix = torch.einsum("oe,eor->or", rows, self.lora_B)
         return (b_mix * self.scale) @ self.lora_A
@@ -234,7 +237,8 @@ class HydraLoRALinear(RoutedExpertsMixin, LinearAdapter):
         return f"{super().extra_repr()}, experts={self.num_experts}, groups={self.num_groups}"
 
 
-def create_layer(base_layer: nn.Linear, config: HydraLoRAConfig, context: TaskContext, name: str) -> HydraLoRALinear:
+def create_layer(base_layer: nn.Linear, config: HydraLoRAConfig, context: TaskContext,
+                 name: str) -> HydraLoRALinear:
     """Wrap one linear with a HydraLoRA layer."""
     return HydraLoRALinear(base_layer, config, context, name)
 

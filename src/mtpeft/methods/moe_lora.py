@@ -40,7 +40,7 @@ GATINGS = ("task", "token")
 
 @dataclass
 class MoELoRAConfig(AdapterConfig):
-    """MoE-LoRA: rank-split LoRA experts, gated per task (MOELoRA, mergeable per task) or per token (top-k)."""
+    """MoE-LoRA: rank-split LoRA experts gated per task (MOELoRA, merges per task) or per token (top-k)."""
 
     method = "moe_lora"
     gating: str = field(default="task", metadata={
@@ -66,8 +66,8 @@ class MoELoRAConfig(AdapterConfig):
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ConfigError(f"{name}.num_experts must be a positive integer, got {self.num_experts!r}")
         if self.num_experts > self.r:
-            raise ConfigError(f"{name}.num_experts ({self.num_experts}) must be <= r ({self.r}): every expert "
-                              f"needs rank >= 1")
+            raise ConfigError(f"{name}.num_experts ({self.num_experts}) must be <= r ({self.r}): every "
+                              f"expert needs rank >= 1")
         if not isinstance(self.task_embedding_dim, int) or self.task_embedding_dim < 1:
             raise ConfigError(f"{name}.task_embedding_dim must be a positive integer, got "
                               f"{self.task_embedding_dim!r}")
@@ -90,7 +90,8 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
     task gating: ``lora_task_embedding`` (T+1 x te_dim), ``lora_gate`` (E x te_dim); token gating:
     ``lora_router`` (E x d_in)."""
 
-    def __init__(self, base_layer: nn.Linear, config: MoELoRAConfig, context: TaskContext, name: str = "") -> None:
+    def __init__(self, base_layer: nn.Linear, config: MoELoRAConfig, context: TaskContext,
+                 name: str = "") -> None:
         super().__init__(base_layer, config, context, name)
         kw = self.factory_kwargs
         r, e = config.r, config.num_experts
@@ -108,7 +109,8 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         if self.gating == "task":
-            self.lora_task_embedding = nn.Parameter(torch.empty(self.num_tasks + 1, config.task_embedding_dim, **kw))
+            te_dim = config.task_embedding_dim
+            self.lora_task_embedding = nn.Parameter(torch.empty(self.num_tasks + 1, te_dim, **kw))
             self.lora_gate = nn.Parameter(torch.empty(e, config.task_embedding_dim, **kw))
         else:
             self.lora_router = nn.Parameter(torch.empty(e, self.in_features, **kw))
@@ -140,8 +142,8 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         ids = self.context.task_ids
         if ids is None:
             if self.training:
-                raise ValueError(f"MoE-LoRA ({self.module_name}) with gating='task' needs task_ids in training "
-                                 f"(the unknown-task gate is only for inference without ids)")
+                raise ValueError(f"MoE-LoRA ({self.module_name}) with gating='task' needs task_ids in "
+                                 f"training (the unknown-task gate is only for inference without ids)")
             ids = torch.full((batch,), self.num_tasks, dtype=torch.long, device=device)
         elif ids.shape[0] != batch:
             raise ValueError(f"MoE-LoRA ({self.module_name}): the batch has {batch} rows but task_ids has "
@@ -162,8 +164,9 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gating != "task":
-            raise MergeError(f"{self.module_name or 'this layer'}: token-gated MoE-LoRA routes each token from "
-                             f"its input, so it has no fixed LoRA factors; use mtpeft.approx.approximate_factors")
+            raise MergeError(f"{self.module_name or 'this layer'}: token-gated MoE-LoRA routes each token "
+                             f"from its input, so it has no fixed LoRA factors; use "
+                             f"mtpeft.approx.approximate_factors")
         tid = self.num_tasks if task is None else int(task)
         ids = torch.tensor([tid], device=self.lora_A.device)
         gate = self.task_gate(ids)[0][self.expert_of_rank]  # (r,)
@@ -182,7 +185,8 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         return f"{super().extra_repr()}, experts={self.num_experts}, gating={self.gating}"
 
 
-def create_layer(base_layer: nn.Linear, config: MoELoRAConfig, context: TaskContext, name: str) -> MoELoRALinear:
+def create_layer(base_layer: nn.Linear, config: MoELoRAConfig, context: TaskContext,
+                 name: str) -> MoELoRALinear:
     """Wrap one linear with a MoE-LoRA layer."""
     return MoELoRALinear(base_layer, config, context, name)
 
@@ -211,5 +215,6 @@ def describe(model) -> str:
 register_method(MethodSpec(
     name="moe_lora", config_class=MoELoRAConfig, create_layer=create_layer, aux_losses=aux_losses,
     describe=describe, merge="per_task", merge_for=merge_for,
-    description="Rank-split LoRA experts; task gate (MOELoRA, merges per task) or token top-k gate (no merge).",
+    description="Rank-split LoRA experts; task gate (MOELoRA, merges per task) or token top-k gate (no "
+                "merge).",
 ))

@@ -1,34 +1,35 @@
 """mtLoRA (Tian, Ledent, Sun; ICLR 2026): block-level routed low-rank adaptation with spectral regularization.
 
 **Block-level adaptation.** A parallel low-rank path around a whole sub-block of every transformer layer, fed
-the sub-block's normalized input u and added to the sub-block's output before the residual:
-x' = x + F(LN(x)) + Delta(LN(x)). ``block_type='ffn'`` (default, the paper's main setting) adapts the MLP
-(u = the ``post_attention_layernorm`` output = the ``mlp`` module's input), ``'attn'`` the attention
-(u = the ``input_layernorm`` output = ``self_attn``'s ``hidden_states``), ``'both'`` both, and ``'component'``
-puts HydraLoRA-style routed layers on the ``target_modules`` linears instead (the paper's baseline). Decoder
-layers (a child ``mlp`` / ``self_attn``: LLaMA, Qwen2, Gemma, Mistral, ...) are wrapped at those modules;
-BERT-style encoder layers (``attention`` / ``intermediate`` / ``output``) get the delta on the block's output
-dense layer (before its dropout, residual and LayerNorm), the block input being tapped with a forward pre-hook.
+the sub-block's normalized input u and added to the sub-block's output before the residual: x' = x + F(LN(x))
++ Delta(LN(x)). ``block_type='ffn'`` (default, the paper's main setting) adapts the MLP (u = the
+``post_attention_layernorm`` output = the ``mlp`` module's input), ``'attn'`` the attention (u = the
+``input_layernorm`` output = ``self_attn``'s ``hidden_states``), ``'both'`` both, and ``'component'`` puts
+HydraLoRA-style routed layers on the ``target_modules`` linears instead (the paper's baseline). Decoder layers
+(a child ``mlp`` / ``self_attn``: LLaMA, Qwen2, Gemma, Mistral, ...) are wrapped at those modules; BERT-style
+encoder layers (``attention`` / ``intermediate`` / ``output``) get the delta on the block's output dense layer
+(before its dropout, residual and LayerNorm), the block input being tapped with a forward pre-hook.
 
-**Delta.** Shared A (r x d, Kaiming), E expert up-projections B_e (d x r, zero), router W_g (E*G x d, bias-free,
-Kaiming): z = A dropout(u); Pi = softmax over experts of (W_g u) reshaped (..., G, E), per token and per group
-of ``routing_group_size`` contiguous output channels (fine-grained routing, FGR; G = d / group size, group
-size >= d = scalar routing); Delta(u) = (alpha / r) * sum_e Pi_e (expanded over each group) * (B_e z).
+**Delta.** Shared A (r x d, Kaiming), E expert up-projections B_e (d x r, zero), router W_g (E*G x d,
+bias-free, Kaiming): z = A dropout(u); Pi = softmax over experts of (W_g u) reshaped (..., G, E), per token
+and per group of ``routing_group_size`` contiguous output channels (fine-grained routing, FGR; G = d / group
+size, group size >= d = scalar routing); Delta(u) = (alpha / r) * sum_e Pi_e (expanded over each group) * (B_e
+z).
 
 **Losses.** CV^2 balance loss (weight 0.01): mean over adapters of CV^2 of the mean routing weight per expert
 (mean over batch, non-padding tokens and groups; unbiased variance, / (mean^2 + 1e-10), as the released code
 except that padding is masked). Spectral-aware regularization, ``spectral_mode``:
 
-- ``'released'`` (as the official code): for every expert B (d x r) of every adapter, G = B^T B,
-  sigma = svdvals(B) detached, w = exp(-sigma / (mean sigma + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 detached,
-  term ||(w w^T) * (G - c^2 I)||_F^2; mean over the B matrices (a random subset of 64 when there are more,
-  seeded by the global step). Applied only at trigger steps, every ``spectral_every`` (default 500, the BBH
-  runs) optimizer steps: with ``global_step`` = completed optimizer steps, the term is added when
-  ``(global_step + 1) % spectral_every == 0`` -- the released trainer's schedule (its first trigger is after
-  ``spectral_every`` steps, not at step 0 where every B is still zero and the term is void).
+- ``'released'`` (as the official code): for every expert B (d x r) of every adapter, G = B^T B, sigma =
+  svdvals(B) detached, w = exp(-sigma / (mean sigma + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 detached, term ||(w
+  w^T) * (G - c^2 I)||_F^2; mean over the B matrices (a random subset of 64 when there are more, seeded by the
+  global step). Applied only at trigger steps, every ``spectral_every`` (default 500, the BBH runs) optimizer
+  steps: with ``global_step`` = completed optimizer steps, the term is added when ``(global_step + 1) %
+  spectral_every == 0`` -- the released trainer's schedule (its first trigger is after ``spectral_every``
+  steps, not at step 0 where every B is still zero and the term is void).
 - ``'paper'`` (the paper's stated intent): sum_{i != j} sum_k w(s_{i,k}) ||u_{i,k}^T B_j||^2 per adapter, with
-  u_{i,k}, s_{i,k} the left singular vectors / values of expert B_i (detached), w(s) = exp(-s / mean s): low-SV
-  directions are orthogonalized across experts, dominant shared ones left free. Every step by default.
+  u_{i,k}, s_{i,k} the left singular vectors / values of expert B_i (detached), w(s) = exp(-s / mean s):
+  low-SV directions are orthogonalized across experts, dominant shared ones left free. Every step by default.
 - ``'off'``.
 
 ``spectral_weight`` defaults to 1.0 (the BBH runs; MMLU used 0.5; the released trainer's own default is 0.25).
@@ -56,7 +57,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..layers import TaskContext, adapter_dtype, find_target_linears, init_down_projection, set_submodule
+from ..layers import (
+    TaskContext,
+    adapter_dtype,
+    find_target_linears,
+    init_down_projection,
+    layer_index,
+    set_submodule,
+)
+from ..model import MergeError
 from .hydralora import (
     HydraLoRALinear,
     RoutedExpertsMixin,
@@ -82,7 +91,8 @@ class BlockSite:
 
     ``wrap_name``: the module the wrapper replaces; ``tap_name``: the module whose first input is the block
     input u when that is not the wrapped module's own input (BERT-style layers); ``out_linear``: path of the
-    block's output linear relative to the wrapped module ('' = the wrapped module itself).
+    block's output linear relative to the wrapped module ('' = the wrapped module itself; None = there is no
+    single one, which only matters for the approximate export).
     """
 
     layer_index: int
@@ -90,7 +100,7 @@ class BlockSite:
     kind: str
     wrap_name: str
     tap_name: str | None
-    out_linear: str
+    out_linear: str | None
     dim: int
 
 
@@ -113,16 +123,16 @@ def _hidden_size(model: nn.Module, fallback: int) -> int:
     return int(size) if isinstance(size, int) else fallback
 
 
-def _find_out_linear(block: nn.Module, names: tuple[str, ...], dim: int, who: str) -> str:
-    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    for n, m in linears:
-        if n.rsplit(".", 1)[-1] in names and m.out_features == dim:
-            return n
+def _find_out_linear(block: nn.Module, names: tuple[str, ...], dim: int) -> str | None:
+    """The block's output projection, or None when there is no single one (then only export is affected)."""
+    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and m.out_features == dim]
+    named = [n for n, _ in linears if n.rsplit(".", 1)[-1] in names]
+    if len(named) == 1:
+        return named[0]
+    if named or not linears:  # e.g. a mixture-of-experts MLP has one down_proj per expert
+        return None
     # no conventional name: the last linear back to the hidden size is the block's output projection
-    for n, m in reversed(linears):
-        if m.out_features == dim:
-            return n
-    raise ConfigError(f"{who}: no linear layer mapping back to the hidden size {dim} was found inside it")
+    return linears[-1][0]
 
 
 def find_block_sites(model: nn.Module, kinds: tuple[str, ...], method: str = "mtLoRA") -> list[BlockSite]:
@@ -139,8 +149,7 @@ def find_block_sites(model: nn.Module, kinds: tuple[str, ...], method: str = "mt
                 block = getattr(layer, child)
                 first = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
                 dim = _hidden_size(model, first.in_features if first is not None else 0)
-                out = _find_out_linear(block, _FFN_OUT_NAMES if kind == "ffn" else _ATTN_OUT_NAMES, dim,
-                                       f"{prefix}{child}")
+                out = _find_out_linear(block, _FFN_OUT_NAMES if kind == "ffn" else _ATTN_OUT_NAMES, dim)
                 sites.append(BlockSite(index, lname, kind, prefix + child, None, out, dim))
             else:
                 if kind == "ffn":
@@ -158,9 +167,9 @@ def find_block_sites(model: nn.Module, kinds: tuple[str, ...], method: str = "mt
     if not sites:
         wanted = " and ".join(f"'{k}'" for k in kinds)
         raise ConfigError(
-            f"{method}: {type(model).__name__} has no transformer layers with {wanted} sub-blocks that mtpeft can "
-            f"find: it looks for layers with an `mlp` / `self_attn` child (LLaMA, Qwen2, Gemma, Mistral, ...) or "
-            f"BERT-style `attention` / `intermediate` / `output` children"
+            f"{method}: {type(model).__name__} has no transformer layers with {wanted} sub-blocks that "
+            f"mtpeft can find: it looks for layers with an `mlp` / `self_attn` child (LLaMA, Qwen2, Gemma, "
+            f"Mistral, ...) or BERT-style `attention` / `intermediate` / `output` children"
             + ("; use block_type='component' to adapt individual linears" if method == "mtLoRA" else "")
         )
     return sites
@@ -211,32 +220,38 @@ class MtLoRAConfig(AdapterConfig):
 
     method = "mtlora"
     block_type: str = field(default="ffn", metadata={
-        "help": "Where to adapt: 'ffn' (around each MLP block; the paper's main setting), 'attn' (around each "
-                "attention block), 'both', or 'component' (HydraLoRA-style routed layers on `target_modules`)."})
-    num_experts: int = field(default=16, metadata={"help": "Number E of expert up-projections B_e (paper: 16)."})
+        "help": "Where to adapt: 'ffn' (around each MLP block; the paper's main setting), 'attn' (around "
+                "each attention block), 'both', or 'component' (HydraLoRA-style routed layers on "
+                "`target_modules`). Block modes honor `layers_to_transform` and ignore `target_modules`."})
+    num_experts: int = field(default=16, metadata={
+        "help": "Number E of expert up-projections B_e (paper: 16)."})
     routing_group_size: int | None = field(default=2048, metadata={
-        "help": "Fine-grained routing: one softmax over experts per group of this many output channels (paper: "
-                "2048, i.e. G = 2 for d = 4096). None or a value >= the output dimension is scalar routing; "
-                "otherwise it must divide the output dimension."})
+        "help": "Fine-grained routing: one softmax over experts per group of this many output channels "
+                "(paper: 2048, i.e. G = 2 for d = 4096). None or a value >= the output dimension is scalar "
+                "routing; otherwise it must divide the output dimension."})
     balance_weight: float = field(default=0.01, metadata={
-        "help": "Weight of the CV^2 balance loss on the mean routing weight per expert (paper: 0.01; 0 = off)."})
+        "help": "Weight of the CV^2 balance loss on the mean routing weight per expert (paper: 0.01; "
+                "0 = off)."})
     spectral_mode: str = field(default="released", metadata={
         "help": "Spectral-aware regularization: 'released' (each B_e towards a scaled isometry, weighted by "
                 "exp(-sigma/mean sigma), as the official code), 'paper' (low-SV directions orthogonal across "
                 "experts) or 'off'."})
     spectral_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's default: 0.25)."})
+        "help": "Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's default: "
+                "0.25)."})
     spectral_every: int | None = field(default=None, metadata={
-        "help": "Apply the spectral term every this many optimizer steps (when (global_step + 1) % k == 0). None: "
-                "500 for 'released' (the BBH runs), 1 (every step) for 'paper'."})
+        "help": "Apply the spectral term every this many optimizer steps (when (global_step + 1) % k == 0). "
+                "None: 500 for 'released' (the BBH runs), 1 (every step) for 'paper'."})
     spectral_max_matrices: int = field(default=64, metadata={
-        "help": "'released' mode: at most this many B matrices per trigger (a random subset seeded by the step)."})
+        "help": "'released' mode: at most this many B matrices per trigger (a random subset seeded by the "
+                "step)."})
 
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
         if self.block_type not in BLOCK_TYPES:
-            raise ConfigError(f"{name}.block_type must be one of {list(BLOCK_TYPES)}, got {self.block_type!r}")
+            raise ConfigError(f"{name}.block_type must be one of {list(BLOCK_TYPES)}, "
+                              f"got {self.block_type!r}")
         if self.spectral_mode not in SPECTRAL_MODES:
             raise ConfigError(f"{name}.spectral_mode must be one of {list(SPECTRAL_MODES)}, "
                               f"got {self.spectral_mode!r}")
@@ -246,7 +261,8 @@ class MtLoRAConfig(AdapterConfig):
                                                     or self.routing_group_size < 1):
             raise ConfigError(f"{name}.routing_group_size must be None or a positive integer, "
                               f"got {self.routing_group_size!r}")
-        if self.spectral_every is not None and (not isinstance(self.spectral_every, int) or self.spectral_every < 1):
+        every = self.spectral_every
+        if every is not None and (not isinstance(every, int) or every < 1):
             raise ConfigError(f"{name}.spectral_every must be None or a positive integer, "
                               f"got {self.spectral_every!r}")
         for key in ("balance_weight", "spectral_weight"):
@@ -281,6 +297,8 @@ class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
         self.module_name = site.wrap_name
         self.out_linear_path = site.out_linear
         self.out_linear_name = f"{site.wrap_name}.{site.out_linear}" if site.out_linear else site.wrap_name
+        if site.out_linear is None:
+            self.out_linear_name = None
         self.dim = d
         self.num_experts = e
         self.num_groups = routing_groups(d, config.routing_group_size, f" of block {site.wrap_name!r}")
@@ -306,7 +324,12 @@ class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
 
     def output_linear(self) -> nn.Linear:
         """The block's output linear (where an approximate export puts the fitted update)."""
-        return self.base_layer.get_submodule(self.out_linear_path) if self.out_linear_path else self.base_layer
+        if self.out_linear_path is None:
+            raise MergeError(f"mtLoRA block {self.module_name!r} has no single output linear layer (none, or "
+                             f"several as in a mixture-of-experts MLP) to fit an approximate LoRA onto")
+        if not self.out_linear_path:
+            return self.base_layer
+        return self.base_layer.get_submodule(self.out_linear_path)
 
     def routing_weights(self, u: torch.Tensor) -> torch.Tensor:
         """Per-token routing weights (..., G, E), summing to 1 over experts for every token and group."""
@@ -321,12 +344,13 @@ class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
         return routed_up(z, pi, self.lora_B) * self.scale
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped block's output plus Delta(u) (added to element 0 when the block returns a tuple)."""
         out = self.base_layer(*args, **kwargs)
         if self.uses_tap:
             u, self._tapped = self._tapped, None
             if u is None:
-                raise RuntimeError(f"mtLoRA block {self.module_name!r}: the block input was not recorded (the "
-                                   f"tapped module did not run before the block's output layer)")
+                raise RuntimeError(f"mtLoRA block {self.module_name!r}: the block input was not recorded "
+                                   f"(the tapped module did not run before the block's output layer)")
         else:
             u = self.first_input(args, kwargs)
         delta = self.block_delta(u)
@@ -353,7 +377,14 @@ def inject(model: nn.Module, config: MtLoRAConfig, context: TaskContext) -> dict
             layers[name] = layer
         return layers
     kinds = ("ffn", "attn") if config.block_type == "both" else (config.block_type,)
-    for site in find_block_sites(model, kinds):
+    sites = find_block_sites(model, kinds)
+    if config.layers_to_transform is not None:
+        wanted = {int(i) for i in config.layers_to_transform}
+        sites = [s for s in sites if _layer_of(s) in wanted]
+        if not sites:
+            raise ConfigError(f"MtLoRAConfig.layers_to_transform {sorted(wanted)} selects no layer; the "
+                              f"model's layer indices are 0..{len(transformer_layers(model)) - 1}")
+    for site in sites:
         tap = model.get_submodule(site.tap_name) if site.tap_name else None
         wrapper = BlockAdapter(model.get_submodule(site.wrap_name), config, context, site, tap)
         set_submodule(model, site.wrap_name, wrapper)
@@ -361,8 +392,14 @@ def inject(model: nn.Module, config: MtLoRAConfig, context: TaskContext) -> dict
     return layers
 
 
+def _layer_of(site: BlockSite) -> int:
+    """The layer index as ``layers_to_transform`` counts it (the index in the module name, as PEFT)."""
+    index = layer_index(site.wrap_name)
+    return site.layer_index if index is None else index
+
+
 def spectral_due(step: int, every: int) -> bool:
-    """Whether the spectral term applies at ``step`` (completed optimizer steps): after every ``every`` steps."""
+    """Whether the spectral term applies at ``step`` (= completed optimizer steps): after every ``every``."""
     return (int(step) + 1) % every == 0
 
 
@@ -400,9 +437,10 @@ def describe(model) -> str:
     cfg: MtLoRAConfig = model.adapter_config
     layers = routed_layers(model)
     groups = sorted({m.num_groups for m in layers})
-    return (f"mtLoRA: block_type={cfg.block_type}, {len(layers)} adapters, {cfg.num_experts} experts, rank {cfg.r}, "
-            f"routing groups {groups}, spectral={cfg.spectral_mode} (weight {cfg.spectral_weight:g}, every "
-            f"{cfg.spectral_period}), balance weight {cfg.balance_weight:g}")
+    return (f"mtLoRA: block_type={cfg.block_type}, {len(layers)} adapters, {cfg.num_experts} experts, "
+            f"rank {cfg.r}, routing groups {groups}, spectral={cfg.spectral_mode} "
+            f"(weight {cfg.spectral_weight:g}, every {cfg.spectral_period}), "
+            f"balance weight {cfg.balance_weight:g}")
 
 
 register_method(MethodSpec(

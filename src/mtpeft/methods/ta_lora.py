@@ -1,24 +1,24 @@
-"""TA-LoRA (Zhang et al., ICME 2025): task-adaptive low-rank deep prompts with fast/slow weights. A reconstruction.
+"""TA-LoRA (Zhang et al., ICME 2025): task-adaptive low-rank deep prompts, fast/slow weights (reconstructed).
 
 Only the abstract-level description of TA-LoRA was available (no paper body, no code), so this module
 implements the reading in ``docs/methods.md`` section 4.2 and makes each uncertain choice explicit:
 
-- **Prompt.** At each chosen layer l, task t's prompt is P_t = P_0 + s * B A_t (l_p x d): P_0 (shared, l_p x d),
-  the slow weight B (l_p x r, shared across tasks) and the fast weight A_t (r x d, one per task); s = alpha / r
-  as in LoRA (set alpha = r for no scaling). Init: P_0 ~ N(0, ``prompt_init_std``^2) (the prompt tokens live in
-  the normalized hidden space the attention reads), B Kaiming-uniform (``init``), A_t = 0, so every task starts
-  from the shared prompt P_0 and the low-rank part grows from zero.
+- **Prompt.** At each chosen layer l, task t's prompt is P_t = P_0 + s * B A_t (l_p x d): P_0 (shared, l_p x
+  d), the slow weight B (l_p x r, shared across tasks) and the fast weight A_t (r x d, one per task); s =
+  alpha / r as in LoRA (set alpha = r for no scaling). Init: P_0 ~ N(0, ``prompt_init_std``^2) (the prompt
+  tokens live in the normalized hidden space the attention reads), B Kaiming-uniform (``init``), A_t = 0, so
+  every task starts from the shared prompt P_0 and the low-rank part grows from zero.
 - **Layers.** ``prompt_layers`` (1-based); default: at one half, three quarters and the end of the depth,
   ceil(L/2), ceil(3L/4), L -- for a 28-layer model 14, 21 and 28 (the layers the seed summary names).
 - **Zero-initialized gated attention** (LLaMA-Adapter style). The chosen layers' attention module is wrapped;
-  from the hidden states it receives (the ``input_layernorm`` output) it computes queries with the module's own
-  q_proj, keys / values of the prompt with its own k_proj / v_proj (biases included, grouped-query heads repeated;
-  ``q_norm`` / ``k_norm`` applied when the module has them), a softmax over the prompt keys only (separate from
-  the sequence's softmax), gates each head with tanh(g_h) (g = 0 at init, so the model starts exactly equal to
-  the base) and maps the result through o_proj's weight (no bias: the base attention already adds it). No
-  rotary embedding on the prompt: prompt keys are position-free and the prompt query uses the un-rotated q.
-  The prompt part is recomputed on every call from the current queries, so it works unchanged with the KV
-  cache in ``generate``. BERT-style layers wrap ``attention.self`` (whose output dense follows).
+  from the hidden states it receives (the ``input_layernorm`` output) it computes queries with the module's
+  own q_proj, keys / values of the prompt with its own k_proj / v_proj (biases included, grouped-query heads
+  repeated; ``q_norm`` / ``k_norm`` applied when the module has them), a softmax over the prompt keys only
+  (separate from the sequence's softmax), gates each head with tanh(g_h) (g = 0 at init, so the model starts
+  exactly equal to the base) and maps the result through o_proj's weight (no bias: the base attention already
+  adds it). No rotary embedding on the prompt: prompt keys are position-free and the prompt query uses the
+  un-rotated q. The prompt part is recomputed on every call from the current queries, so it works unchanged
+  with the KV cache in ``generate``. BERT-style layers wrap ``attention.self`` (whose output dense follows).
 - **Fast / slow learning rates.** ``param_groups(model, lr, weight_decay, slow_lr_scale=...)``: the fast
   weights A_t (and the gates) train at lr, the slow B and P_0 at lr * ``slow_lr_scale`` (0.1).
 - **New tasks** (the paper's few-shot target adaptation). ``model.add_task(name, init='mean' | 'zeros' |
@@ -47,15 +47,18 @@ from .mtlora import ModuleWrapper, transformer_layers
 
 FAST_INITS = ("mean", "zeros", "random")
 MERGE_ERROR = (
-    "TA-LoRA is prompt-based: its update is gated attention over learned per-task prompt tokens, not a change of "
-    "any weight matrix, so nothing can be merged into the base weights and it has no PEFT LoRA form; keep the "
-    "adapter (MTModel) and pass task_ids at inference"
+    "TA-LoRA is prompt-based: its update is gated attention over learned per-task prompt tokens, not a "
+    "change of any weight matrix, so nothing can be merged into the base weights and it has no PEFT LoRA "
+    "form; keep the adapter (MTModel) and pass task_ids at inference"
 )
 
 
 @dataclass
 class TALoRAConfig(AdapterConfig):
-    """TA-LoRA (reconstruction): per-layer deep prompts P_0 + B A_t with fast A_t and slow B, zero-init gates."""
+    """TA-LoRA (reconstruction): per-layer deep prompts P_0 + B A_t, fast A_t and slow B, zero-init gates.
+
+    ``target_modules`` does not apply (the prompted layers are ``prompt_layers``).
+    """
 
     method = "ta_lora"
     prompt_length: int = field(default=10, metadata={"help": "Number l of prompt tokens per prompted layer."})
@@ -63,9 +66,11 @@ class TALoRAConfig(AdapterConfig):
         "help": "1-based indices of the layers that get a prompt. None: ceil(L/2), ceil(3L/4) and L for a "
                 "model with L layers (14, 21, 28 for 28 layers)."})
     slow_lr_scale: float = field(default=0.1, metadata={
-        "help": "param_groups: the slow weights (B, P_0) train at lr * slow_lr_scale; fast A_t and gates at lr."})
+        "help": "param_groups: the slow weights (B, P_0) train at lr * slow_lr_scale; fast A_t and gates at "
+                "lr."})
     prompt_init_std: float = field(default=1.0, metadata={
-        "help": "Standard deviation of the shared prompt P_0 at init (the scale of normalized hidden states)."})
+        "help": "Standard deviation of the shared prompt P_0 at init (the scale of normalized hidden "
+                "states)."})
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +87,9 @@ class TALoRAConfig(AdapterConfig):
             raise ConfigError(f"{name}.slow_lr_scale must be >= 0, got {self.slow_lr_scale!r}")
         if not self.prompt_init_std >= 0:
             raise ConfigError(f"{name}.prompt_init_std must be >= 0, got {self.prompt_init_std!r}")
+        if self.layers_to_transform is not None:
+            raise ConfigError(f"{name}.layers_to_transform does not apply to TA-LoRA: choose the prompted "
+                              f"layers with prompt_layers (1-based) instead")
 
     def requires_tasks(self) -> bool:
         return True
@@ -104,14 +112,15 @@ def _projections(attn: nn.Module, who: str) -> tuple[nn.Linear, nn.Linear, nn.Li
             out = mods[3] if isinstance(mods[3], nn.Linear) else None
             return mods[0], mods[1], mods[2], out
     raise ConfigError(f"TA-LoRA: attention module {who} ({type(attn).__name__}) has no separate q/k/v "
-                      f"projections (q_proj/k_proj/v_proj or query/key/value); fused-QKV attention is not supported")
+                      f"projections (q_proj/k_proj/v_proj or query/key/value); fused-QKV attention is not "
+                      f"supported")
 
 
 class PromptAttention(ModuleWrapper):
     """Wraps one attention module and adds tanh(gate) * Attn(q, K(P_t), V(P_t)) to its output.
 
-    Parameters: ``prompt_shared`` P_0 (l x d), ``prompt_slow`` B (l x r), ``prompt_fast`` [A_t (r x d)] one per
-    task, ``prompt_gate`` g (heads,), zero at init.
+    Parameters: ``prompt_shared`` P_0 (l x d), ``prompt_slow`` B (l x r), ``prompt_fast`` [A_t (r x d)] one
+    per task, ``prompt_gate`` g (heads,), zero at init.
     """
 
     def __init__(self, base_layer: nn.Module, config: TALoRAConfig, context: TaskContext, name: str,
@@ -145,6 +154,7 @@ class PromptAttention(ModuleWrapper):
 
     @property
     def num_tasks(self) -> int:
+        """How many tasks have a fast weight."""
         return len(self.prompt_fast)
 
     def task_prompts(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -179,6 +189,7 @@ class PromptAttention(ModuleWrapper):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The attention output plus the gated prompt attention (added to element 0 of the tuple)."""
         out = self.base_layer(*args, **kwargs)
         h = self.first_input(args, kwargs)
         return self.add_to_output(out, self.prompt_attention(h))
@@ -214,8 +225,8 @@ def find_attention_modules(model: nn.Module) -> list[tuple[int, str]]:
         elif style == "encoder":
             found.append((index, prefix + "attention.self"))
     if not found:
-        raise ConfigError(f"TA-LoRA: {type(model).__name__} has no transformer layers with an attention module "
-                          f"mtpeft can find (a `self_attn` child, or BERT-style `attention.self`)")
+        raise ConfigError(f"TA-LoRA: {type(model).__name__} has no transformer layers with an attention "
+                          f"module mtpeft can find (a `self_attn` child, or BERT-style `attention.self`)")
     return found
 
 
@@ -299,13 +310,15 @@ def describe(model) -> str:
     """Which layers carry prompts, and the prompt shape."""
     cfg: TALoRAConfig = model.adapter_config
     wrappers = _wrappers(model)
-    return (f"TA-LoRA: prompts at {len(wrappers)} layers {list(model.adapter_layers)}, length {cfg.prompt_length}, "
-            f"rank {cfg.r}, {len(cfg.tasks)} tasks, slow lr scale {cfg.slow_lr_scale:g}")
+    return (f"TA-LoRA: prompts at {len(wrappers)} layers {list(model.adapter_layers)}, "
+            f"length {cfg.prompt_length}, rank {cfg.r}, {len(cfg.tasks)} tasks, "
+            f"slow lr scale {cfg.slow_lr_scale:g}")
 
 
 register_method(MethodSpec(
     name="ta_lora", config_class=TALoRAConfig, inject=inject, param_groups=param_groups, add_task=add_task,
     describe=describe, merge="none", merge_error=MERGE_ERROR, task_ids_at_inference=True,
     task_ids_in_training=True,
-    description="Deep prompts P_0 + B A_t (slow B, fast A_t) through zero-init gated attention (reconstruction).",
+    description="Deep prompts P_0 + B A_t (slow B, fast A_t) through zero-init gated attention "
+                "(reconstruction).",
 ))
