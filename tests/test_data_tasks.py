@@ -48,6 +48,7 @@ def test_spec_defaults_and_metric_default() -> None:
         ({"type": "multiple_choice", "target": " {label}"}, "needs options"),
         ({"type": "multiple_choice", "options": ["a", "b"], "target": " {x} {y}"}, "set label_field"),
         ({"transform": "nope"}, "unknown transform 'nope'"),
+        ({"label_map": {"0": "a"}, "target": "{x}{y}"}, "set label_field"),
         ({"max_train": -1}, "max_train must be"),
     ],
 )

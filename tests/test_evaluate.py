@@ -114,13 +114,13 @@ def test_generation_metric_order_eos_cut_and_task_ids(tok) -> None:  # noqa: ANN
     answers = {"1+1=": " 2", "10+10=": " 20", "2+3=": " 6", "7+7=": " 14"}  # one wrong
     model = FakeLM(tok, answers)
     res = evaluate(
-        model, tok, [(spec, exs)], ["other", "add"], batch_size=3, max_new_tokens=10, progress=False
+        model, tok, [(spec, exs)], ["other", "add"], batch_size=2, max_new_tokens=10, progress=False
     )
     assert res.metrics["add"] == {"exact_match": 0.75, "n": 4}
     assert [p["prediction"] for p in res.predictions] == [" 2", " 20", " 6", " 14"]  # input order, junk cut
     assert [p["correct"] for p in res.predictions] == [True, True, False, True]
-    assert len(model.generate_calls) == 2  # ceil(4 / 3) batches
-    call = model.generate_calls[0]
+    assert len(model.generate_calls) == 2  # ceil(4 / 2) batches, prompts sorted by length
+    call = model.generate_calls[1]  # "7+7=" with "10+10="
     assert set(call["task_ids"]) == {1} and call["do_sample"] is False and call["max_new_tokens"] == 10
     assert call["eos_token_id"] == 2 and call["pad_token_id"] == 2  # no pad token: EOS pads
     # left padding: the shorter prompts end at the right edge, padding is masked out

@@ -92,6 +92,8 @@ class MTModel(nn.Module):
             p.requires_grad_(False)
         self.adapter_layers: dict[str, nn.Module] = self._inject()
         self._saved_module_names = self._unfreeze_modules_to_save()
+        # Causal-LM loss from the hidden states of labelled positions only, in chunks (0 = the model's own loss).
+        self.loss_chunk_size = 0
 
     # --- injection --------------------------------------------------------------------------------
     def _inject(self) -> dict[str, nn.Module]:
@@ -149,6 +151,13 @@ class MTModel(nn.Module):
         self.base_model.gradient_checkpointing_enable(**kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
+
+    def compile(self, **kwargs: Any) -> MTModel:
+        """``torch.compile`` the base model's decoder in place (the adapter layers compile with it, without graph
+        breaks; the label-only loss head stays eager). Returns self."""
+        target = self.base_model.get_decoder() if hasattr(self.base_model, "get_decoder") else self.base_model
+        target.compile(**kwargs)
+        return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters that train (adapters and modules_to_save)."""
@@ -246,7 +255,10 @@ class MTModel(nn.Module):
         ids = self.resolve_task_ids(task_ids, ref.shape[0], ref.device, training=self.training)
         collect = self.training and self.method.aux_losses is not None and torch.is_grad_enabled()
         self._set_context(ids, attention_mask, collect)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self.loss_chunk_size and kwargs.get("labels") is not None and self._can_chunk_loss():
+            out = self._chunked_lm_loss(input_ids, attention_mask, **kwargs)
+        else:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         aux: dict[str, torch.Tensor] = {}
         if collect:
             weighted = self.method.aux_losses(self)
@@ -263,6 +275,44 @@ class MTModel(nn.Module):
         except AttributeError:  # a tuple output (return_dict=False)
             pass
         return out
+
+    def _can_chunk_loss(self) -> bool:
+        base = self.base_model
+        cfg = getattr(base, "config", None)
+        return (type(base).__name__.endswith("ForCausalLM") and hasattr(base, "get_decoder")
+                and base.get_output_embeddings() is not None
+                and getattr(cfg, "final_logit_softcapping", None) is None
+                and getattr(cfg, "logit_scale", None) is None)
+
+    def _chunked_lm_loss(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor, **kwargs: Any) -> Any:
+        """The causal-LM loss computed from labelled positions only, chunk by chunk.
+
+        Prompt tokens need no logits in supervised fine-tuning, and the full (batch, seq, vocab) logits
+        tensor is what dominates memory; each chunk's logits are recomputed in backward (checkpointing).
+        Equals the model's mean token cross-entropy; ``out.logits`` is None.
+        """
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("num_items_in_batch", None)
+        decoder_out = self.base_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = decoder_out[0][:, :-1]
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != -100
+        hidden, targets = hidden[keep], targets[keep]
+        head = self.base_model.get_output_embeddings()
+
+        def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.loss_chunk_size):
+            h, y = hidden[start:start + self.loss_chunk_size], targets[start:start + self.loss_chunk_size]
+            total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
+                             else chunk_loss(h, y))
+        loss = total / max(int(keep.sum()), 1)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     def _clear_caches(self) -> None:
         for layer in self.adapter_layers.values():

@@ -90,6 +90,8 @@ class TrainSection:
                          default="error")
     calibration_batches: int = _h("Batches per task for methods with a calibration step (ThanoRA).", default=2)
     device: str | None = _h("Device (default: cuda if available, else cpu).", default=None)
+    loss_chunk_size: int = _h("Causal LMs: compute the loss from labelled positions only, this many tokens of "
+                              "logits at a time (0: the model's own full-logits loss).", default=1024)
 
     def check(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "grad_accum", "calibration_batches"):
@@ -101,7 +103,7 @@ class TrainSection:
         _one_of(f"{prefix}.schedule", self.schedule, ["cosine", "linear", "constant"])
         _one_of(f"{prefix}.precision", self.precision, ["fp32", "bf16"])
         _one_of(f"{prefix}.nan_policy", self.nan_policy, ["error", "skip"])
-        for key in ("log_every", "eval_every", "save_every"):
+        for key in ("log_every", "eval_every", "save_every", "loss_chunk_size"):
             if getattr(self, key) < 0:
                 raise RunConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
 

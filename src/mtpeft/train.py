@@ -252,6 +252,7 @@ class Trainer:
                 cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
             model = get_mt_model(base, method_cfg)
         self.model = model
+        self.model.loss_chunk_size = cfg.train.loss_chunk_size
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.collator = MultiTaskCollator(self.tokenizer, self.task_names, max_length=cfg.data.max_length,

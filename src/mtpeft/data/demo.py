@@ -12,7 +12,8 @@ Tasks (prompt -> answer):
 * ``arithmetic`` (generation): ``Add: 12+7=`` -> ``19`` (numbers below 100);
 * ``reverse`` (generation): ``Reverse the words: cat blue tree\\nAnswer:`` -> ``tree blue cat``;
 * ``extract`` (generation): ``Anna flew to Berlin on Monday.\\nCity:`` -> ``Berlin``;
-* ``category`` (multiple choice): ``Which of these is an animal: chair, tiger, spoon?\\nAnswer:`` -> ``tiger``.
+* ``category`` (multiple choice): ``Which of these is an animal: chair, tiger, spoon?\\nAnswer:``
+  -> ``tiger``.
 """
 
 from __future__ import annotations

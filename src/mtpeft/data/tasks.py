@@ -308,7 +308,8 @@ class TaskSpec:
                 raise err(f"a classification task needs at least two labels, got {self.labels}")
         if self.type == "multiple_choice" and self.options is None and self.options_field is None:
             raise err("a multiple_choice task needs options (a fixed list) or options_field (a record field)")
-        if self.type != "generation" and self.resolved_label_field() is None:
+        needs_label_field = self.type != "generation" or self.label_map is not None
+        if needs_label_field and self.resolved_label_field() is None:
             raise err(
                 f"cannot tell which record field holds the answer: target template {self.target!r} uses "
                 f"{template_fields(self.target)}; set label_field"

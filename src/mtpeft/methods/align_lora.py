@@ -59,11 +59,11 @@ class AlignLoRALinear(LoRALinear):
         super().__init__(*args, **kwargs)
         self.cached_down: torch.Tensor | None = None
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.down(x)
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().down(x)
         if self.context.collect:
             self.cached_down = z
-        return torch.nn.functional.linear(z, self.lora_B) * self.scale
+        return z
 
     def clear_cache(self) -> None:
         self.cached_down = None

@@ -35,6 +35,16 @@ class LoRALinear(LinearAdapter):
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.down(x), self.lora_B) * self.scale
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        z = self.down(x)
+        # One addmm adds s * z B^T into the base output without a separate delta tensor (lean LoRA).
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]).to(out.dtype),
+                            self.lora_B.t().to(out.dtype), alpha=self.scale)
+        return fused.view(out.shape)
+
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scale
 

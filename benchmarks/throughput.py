@@ -1,0 +1,276 @@
+"""Training and mixed-task inference throughput: HF PEFT and mtpeft side by side, in one process.
+
+Same model (random weights in a real architecture's shape), batch, sequence length and rank for every row.
+Prints a table and writes JSON + Markdown with tokens/s, peak memory and the ratios to PEFT.
+
+    python benchmarks/throughput.py --device cuda --shape qwen2.5-0.5b --batch 16 --seq 1024 --out benchmarks/results/throughput-h100
+    python benchmarks/throughput.py --device cpu --shape tiny-llama --batch 8 --seq 128 --out benchmarks/results/throughput-cpu
+    python benchmarks/throughput.py --smoke        # a seconds-long correctness run (what CI does)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import mtpeft  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_config(shape: str):
+    import transformers as tf
+
+    if shape == "qwen2.5-0.5b":
+        return tf.Qwen2ForCausalLM, tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                                  max_position_embeddings=4096, tie_word_embeddings=True)
+    if shape == "tiny-llama":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
+                                                  max_position_embeddings=1024)
+    if shape == "smoke":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                  max_position_embeddings=128)
+    raise SystemExit(f"unknown shape {shape!r}; choose qwen2.5-0.5b, tiny-llama or smoke")
+
+
+def base_model(args):
+    cls, cfg = model_config(args.shape)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).to(args.device, args.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peak_memory(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (GiB), monotone
+
+
+def reset_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, args) -> float:
+    for _ in range(args.warmup):
+        step()
+    sync(args.device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args.device)
+    return (time.perf_counter() - t) / args.steps
+
+
+def train_row(label: str, model, args, task_ids=None) -> dict:
+    """tokens/s and peak memory of forward+backward+AdamW on one fixed batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")
+    x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+    kwargs = {} if task_ids is None else {"task_ids": task_ids}
+    reset_memory(args.device)
+
+    def step():
+        out = model(input_ids=x, labels=x, **kwargs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = time_steps(step, args)
+    row = {"kind": "train", "label": label, "tokens_per_s": args.batch * args.seq / dt, "step_ms": dt * 1e3,
+           "peak_mem_gib": peak_memory(args.device), "trainable": sum(p.numel() for p in params)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def task_ids_for(args, num_tasks: int):
+    return torch.arange(args.batch, device=args.device) % num_tasks
+
+
+def mt_model(args, method: str, tasks: int = 8, **extra):
+    cfg = {"method": method, "tasks": [f"t{i}" for i in range(tasks)], "r": args.rank, "alpha": 2 * args.rank,
+           "target_modules": PROJECTIONS, **extra}
+    model = mtpeft.get_mt_model(base_model(args), cfg)
+    model.loss_chunk_size = args.loss_chunk
+    return model
+
+
+def training_rows(args) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+
+    rows = []
+    if not args.skip_peft:
+        peft_model = get_peft_model(base_model(args), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                                 target_modules=PROJECTIONS, lora_dropout=0.0))
+        rows.append(train_row("peft_lora", peft_model, args))
+        del peft_model
+    eager = mt_model(args, "lora", tasks=1)
+    rows.append(train_row("mtpeft_lora", eager, args))
+    del eager
+    if args.compile:
+        compiled = mt_model(args, "lora", tasks=1).compile()
+        rows.append(train_row("mtpeft_lora_compiled", compiled, args))
+        del compiled
+    suffix = "_compiled" if args.compile else ""
+    for method, extra in [("align_lora", {}), ("thanora", {}), ("mtl_lora", {}),
+                          ("hydralora", {"num_experts": 8}), ("moe_lora", {"num_experts": 4}),
+                          ("mtlora", {"num_experts": 8, "routing_group_size": None, "block_type": "component"})]:
+        if args.methods and method not in args.methods:
+            continue
+        model = mt_model(args, method, **extra)
+        if args.compile:
+            model.compile()
+        model.train()
+        rows.append(train_row(f"mtpeft_{method}{suffix}", model, args, task_ids=task_ids_for(args, 8)))
+        del model
+    return rows
+
+
+def inference_rows(args) -> list[dict]:
+    """Mixed-task forward: every row uses its own task's adapter (4 tasks)."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = []
+    x = torch.randint(0, model_config(args.shape)[1].vocab_size, (args.batch, args.infer_seq), device=args.device)
+    tasks = 4
+    names = [f"t{i % tasks}" for i in range(args.batch)]
+    tid = task_ids_for(args, tasks)
+
+    def measure(label, fn):
+        with torch.no_grad():
+            dt = time_steps(fn, args)
+        row = {"kind": "inference", "label": label, "tokens_per_s": args.batch * args.infer_seq / dt,
+               "step_ms": dt * 1e3}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    base = base_model(args).eval()
+    measure("merged_or_base", lambda: base(input_ids=x))
+    if not args.skip_peft:
+        lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS, init_lora_weights=False)
+        peft_model = get_peft_model(copy.deepcopy(base), lc, adapter_name="t0")
+        for i in range(1, tasks):
+            peft_model.add_adapter(f"t{i}", lc)
+        peft_model.eval()
+        measure("peft_adapter_names_mixed", lambda: peft_model(input_ids=x, adapter_names=names))
+        del peft_model
+    for method in ("mtl_lora", "moe_lora"):
+        model = mtpeft.get_mt_model(copy.deepcopy(base), {"method": method, "tasks": [f"t{i}" for i in range(tasks)],
+                                                          "r": args.rank, "target_modules": PROJECTIONS}).eval()
+        if args.compile:
+            model.compile()
+        measure(f"mtpeft_{method}_mixed{'_compiled' if args.compile else ''}",
+                lambda m=model: m(input_ids=x, task_ids=tid))
+        del model
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Throughput: {meta['shape']} on {meta['device_name']}", "",
+             f"Command: `{meta['command']}`", "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, mtpeft "
+             f"{meta['mtpeft']}; dtype {meta['dtype']}, batch {meta['batch']} x seq {meta['seq']} (inference seq "
+             f"{meta['infer_seq']}), rank {meta['rank']} on all seven projections, {meta['steps']} timed steps "
+             f"after {meta['warmup']} warm-up.", ""]
+    for kind, ref_label in (("train", "peft_lora"), ("inference", "peft_adapter_names_mixed")):
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        ref = next((r for r in sel if r["label"] == ref_label), None)
+        lora = next((r for r in sel if r["label"] == "mtpeft_lora_compiled"), None) or \
+            next((r for r in sel if r["label"] == "mtpeft_lora"), None)
+        lines += [f"## {kind}", "", "| row | tokens/s | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |",
+                  "|---|---|---|---|---|---|"]
+        for r in sel:
+            x_peft = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+            x_lora = f"{r['tokens_per_s'] / lora['tokens_per_s']:.2f}" if lora and kind == "train" else "-"
+            mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
+            x_mem = (f"{r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}" if ref and "peak_mem_gib" in r
+                     and "peak_mem_gib" in ref else "-")
+            lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {x_peft} | {x_lora} | {mem} | {x_mem} |")
+        lines.append("")
+    if meta["device"] == "cpu":
+        lines.append("CPU peak memory is the process's peak RSS so far (monotone over rows), not per row.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", default=None, help="qwen2.5-0.5b (GPU default), tiny-llama (CPU default), smoke")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--infer-seq", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loss-chunk", type=int, default=4096, help="label-only chunked loss (0: model's loss)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the mtpeft rows")
+    parser.add_argument("--methods", default="", help="comma-separated subset of the multi-task methods")
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step: a correctness run")
+    parser.add_argument("--out", default=None, help="folder for results.json and results.md")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    if args.smoke:
+        args.shape, args.batch, args.seq, args.infer_seq, args.steps, args.warmup = "smoke", 4, 16, 16, 1, 1
+    args.shape = args.shape or ("qwen2.5-0.5b" if gpu else "tiny-llama")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    args.batch = args.batch or (16 if gpu else 8)
+    args.seq = args.seq or (1024 if gpu else 128)
+    args.infer_seq = args.infer_seq or (512 if gpu else 128)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not gpu:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    import peft
+    import transformers
+
+    meta = {"shape": args.shape, "device": args.device,
+            "device_name": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or 'x86_64'}, "
+                                                                  f"{torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "mtpeft": mtpeft.__version__, "dtype": str(args.dtype).replace("torch.", ""), "batch": args.batch,
+            "seq": args.seq, "infer_seq": args.infer_seq, "rank": args.rank, "steps": args.steps,
+            "warmup": args.warmup, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+    print(json.dumps(meta), flush=True)
+    rows = training_rows(args)
+    if not args.no_inference:
+        rows += inference_rows(args)
+    text = markdown(rows, meta)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / "results.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Fast paths equal the plain implementation: outputs and gradients; adapter layers compile without graph breaks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
+
+import mtpeft
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("method", ["lora", "mtl_lora", "hydralora"])
+def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
+    model = mtpeft.get_mt_model(tiny_model(arch), mtpeft.config_from_dict({"method": method, "tasks": TASKS, "r": 4}))
+    perturb_adapters(model)
+    model.eval()  # no dropout: both paths see the same function
+    ids, mask, labels = tiny_batch(batch=4, seq=9)
+    labels[:, :4] = -100  # prompt tokens carry no loss
+    tid = torch.tensor([0, 1, 2, 0])
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=tid)
+    plain.loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk_size = 3
+    fast = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=tid)
+    assert fast.logits is None
+    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    fast.loss.backward()
+    for name, p in model.trainable_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_fused_lora_forward_equals_plain_formula():
+    model = mtpeft.get_mt_model(tiny_model(), mtpeft.LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    perturb_adapters(model)
+    layer = next(iter(model.adapter_layers.values()))
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    fused = layer(x)
+    plain = layer.base_layer(x) + layer.adapter_output(x)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    g_fused = torch.autograd.grad(fused.sum(), [x, layer.lora_A, layer.lora_B])
+    g_plain = torch.autograd.grad(plain.sum(), [x, layer.lora_A, layer.lora_B])
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "align_lora", "thanora", "mtl_lora", "hydralora", "moe_lora", "mtlora"])
+def test_adapter_forward_traces_without_graph_breaks(method):
+    import torch._dynamo
+
+    model = mtpeft.get_mt_model(tiny_model(), mtpeft.config_from_dict({"method": method, "tasks": TASKS, "r": 4}))
+    model.train()
+    ids, mask, labels = tiny_batch()
+    model.context.task_ids = torch.tensor([0, 1, 2, 0])
+    model.context.token_mask = mask
+    model.context.collect = False
+    layers = [m for m in model.adapter_layers.values()]
+    layer = layers[0]
+    x = torch.randn(4, 7, 32)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
