@@ -82,66 +82,63 @@ def _as_sequence(z: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> tu
     return z, mask
 
 
-def gaussian_kl_divergence(z_t: torch.Tensor, m_t: torch.Tensor, z_u: torch.Tensor, m_u: torch.Tensor,
-                           eps: float = 1e-8) -> torch.Tensor | None:
-    """Symmetric KL between per-position diagonal Gaussians fitted to two groups; None if no position has
-    two samples in both groups. Shapes: z (N, n, r), m (N, n). Summed over r, averaged over valid positions."""
-    stats = []
-    for z, m in ((z_t, m_t), (z_u, m_u)):
-        count = m.sum(0)  # (n,)
-        mean = (z * m[..., None]).sum(0) / count.clamp_min(1)[:, None]
-        var = (((z - mean) ** 2) * m[..., None]).sum(0) / (count - 1).clamp_min(1)[:, None]
-        stats.append((count, mean, var + eps))
-    (c_t, mu_t, v_t), (c_u, mu_u, v_u) = stats
-    valid = (c_t >= 2) & (c_u >= 2)
-    if not valid.any():
-        return None
-    diff2 = (mu_t - mu_u) ** 2
-    kl_tu = 0.5 * (torch.log(v_u) - torch.log(v_t) + (v_t + diff2) / v_u - 1)
-    kl_ut = 0.5 * (torch.log(v_t) - torch.log(v_u) + (v_u + diff2) / v_t - 1)
-    per_position = (0.5 * (kl_tu + kl_ut)).sum(-1)
-    return per_position[valid].mean()
+def _task_weights(task_ids: torch.Tensor, mask: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """(T, b, n) weights: 1 where sample b belongs to task t and position n is not padding."""
+    onehot = torch.nn.functional.one_hot(task_ids.long(), num_tasks).to(mask.dtype)  # (b, T)
+    return onehot.T[:, :, None] * mask[None]
 
 
-def mmd_divergence(z_t: torch.Tensor, m_t: torch.Tensor, z_u: torch.Tensor, m_u: torch.Tensor,
-                   bandwidths: list[float]) -> torch.Tensor | None:
-    """Biased multi-kernel MMD^2 per position between two groups, averaged over positions both groups have."""
-    valid = (m_t.sum(0) > 0) & (m_u.sum(0) > 0)
-    if not valid.any():
-        return None
-    a, b = z_t.transpose(0, 1)[valid], z_u.transpose(0, 1)[valid]  # (n', N, r)
-    wa, wb = m_t.transpose(0, 1)[valid], m_u.transpose(0, 1)[valid]  # (n', N)
-    sig = torch.tensor(bandwidths, device=a.device, dtype=a.dtype)
-
-    def kernel_mean(x, wx, y, wy):
-        d2 = torch.cdist(x, y) ** 2  # (n', Nx, Ny)
-        k = torch.exp(-d2[..., None] / (2 * sig)).sum(-1)
-        w = wx[:, :, None] * wy[:, None, :]
-        return (k * w).sum((1, 2)) / w.sum((1, 2))
-
-    mmd = kernel_mean(a, wa, a, wa) + kernel_mean(b, wb, b, wb) - 2 * kernel_mean(a, wa, b, wb)
-    return mmd.mean()
+def _mean_over_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per task pair (t < u): mean of ``values`` (T, T, n) over valid positions; then the mean over pairs that
+    have any valid position (0 when none has)."""
+    num_tasks = values.shape[0]
+    upper = torch.ones(num_tasks, num_tasks, dtype=torch.bool, device=values.device).triu(1)
+    valid = valid & upper[..., None]
+    count = valid.sum(-1)
+    per_pair = torch.where(valid, values, torch.zeros_like(values)).sum(-1) / count.clamp_min(1)
+    has = (count > 0).to(values.dtype)
+    return (per_pair * has).sum() / has.sum().clamp_min(1)
 
 
 def alignment_loss(z: torch.Tensor, task_ids: torch.Tensor, mask: torch.Tensor | None, *, kind: str = "kl",
-                   pooling: str = "position", bandwidths: list[float] | None = None,
-                   eps: float = 1e-8) -> torch.Tensor | None:
-    """Mean divergence over all pairs of tasks present in the batch (KL: tasks with at least 2 samples)."""
+                   pooling: str = "position", bandwidths: list[float] | None = None, eps: float = 1e-8,
+                   num_tasks: int | None = None) -> torch.Tensor:
+    """Mean divergence over all pairs of tasks present in the batch, computed for all pairs at once.
+
+    KL: per position, a diagonal Gaussian per task (masked mean, unbiased masked variance + eps) over that task's
+    samples; a position counts for a pair when both tasks have >= 2 samples there; summed over r, averaged over
+    positions. MMD: biased multi-kernel MMD^2 per position between the tasks' samples (>= 1 each). Returns 0 when
+    no pair of tasks is comparable.
+    """
     z, mask = _as_sequence(z, mask, pooling)
-    min_count = 2 if kind == "kl" else 1
-    groups = [(t, task_ids == t) for t in torch.unique(task_ids).tolist()]
-    groups = [(t, sel) for t, sel in groups if int(sel.sum()) >= min_count]
-    values = []
-    for i in range(len(groups)):
-        for j in range(i + 1, len(groups)):
-            si, sj = groups[i][1], groups[j][1]
-            if kind == "kl":
-                d = gaussian_kl_divergence(z[si], mask[si], z[sj], mask[sj], eps)
-            else:
-                d = mmd_divergence(z[si], mask[si], z[sj], mask[sj], bandwidths or MMD_BANDWIDTHS)
-            if d is not None:
-                values.append(d)
-    return torch.stack(values).mean() if values else None
+    num_tasks = int(num_tasks if num_tasks is not None else int(task_ids.max()) + 1)
+    weights = _task_weights(task_ids, mask, num_tasks)  # (T, b, n)
+    count = weights.sum(1)  # (T, n)
+    if kind == "kl":
+        mean = torch.einsum("tbn,bnr->tnr", weights, z) / count.clamp_min(1)[..., None]
+        dev2 = (z[None] - mean[:, None]) ** 2  # (T, b, n, r)
+        var = torch.einsum("tbn,tbnr->tnr", weights, dev2) / (count - 1).clamp_min(1)[..., None] + eps
+        ok = count >= 2
+        # Positions without two samples are masked out below; a neutral variance there keeps their (discarded)
+        # terms finite, so no NaN leaks into the gradient.
+        var = torch.where(ok[..., None], var, torch.ones_like(var))
+        diff2 = (mean[:, None] - mean[None]) ** 2  # (T, T, n, r)
+        ratio = var[:, None] / var[None]  # var_t / var_u
+        kl_tu = 0.5 * (-torch.log(ratio) + ratio + diff2 / var[None] - 1)
+        kl_ut = 0.5 * (torch.log(ratio) + 1 / ratio + diff2 / var[:, None] - 1)
+        per_position = (0.5 * (kl_tu + kl_ut)).sum(-1)  # (T, T, n)
+    else:
+        sig = torch.tensor(bandwidths or MMD_BANDWIDTHS, device=z.device, dtype=z.dtype)
+        zt = z.transpose(0, 1)  # (n, b, r)
+        kernel = torch.exp(-(torch.cdist(zt, zt) ** 2)[..., None] / (2 * sig)).sum(-1)  # (n, b, b)
+        cross = torch.einsum("tbn,nbc,ucn->tun", weights, kernel, weights)
+        norm = count[:, None] * count[None]  # (T, T, n)
+        k_mean = cross / norm.clamp_min(1e-12)
+        diag = torch.diagonal(k_mean, dim1=0, dim2=1).T  # (T, n): mean k within each task
+        per_position = diag[:, None] + diag[None] - 2 * k_mean
+        ok = count >= 1
+    valid = ok[:, None] & ok[None]
+    return _mean_over_valid(per_position, valid)
 
 
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
@@ -154,10 +151,8 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
         if z is None:
             continue
         task_ids = ctx.require_task_ids(f"Align-LoRA ({layer.module_name})", z.shape[0])
-        value = alignment_loss(z, task_ids, ctx.token_mask, kind=cfg.align_loss, pooling=cfg.align_pooling,
-                               bandwidths=cfg.mmd_bandwidths, eps=cfg.eps)
-        if value is not None:
-            per_module.append(value)
+        per_module.append(alignment_loss(z, task_ids, ctx.token_mask, kind=cfg.align_loss, pooling=cfg.align_pooling,
+                                         bandwidths=cfg.mmd_bandwidths, eps=cfg.eps, num_tasks=len(cfg.tasks)))
     if not per_module:
         device = model.device
         return {"align": (torch.zeros((), device=device), float(cfg.align_weight))}

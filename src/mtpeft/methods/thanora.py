@@ -176,27 +176,35 @@ class ThanoRALinear(LinearAdapter):
 
     def orthogonality_penalty(self, normalize: bool) -> torch.Tensor:
         """sum_{i<j} ||A_i A_j^T||_F^2 + ||B_i^T B_j||_F^2 over this layer's task blocks."""
-        a, b = self.lora_A, self.lora_B
-        if normalize:
-            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-4)
-            b = b / b.norm(dim=0, keepdim=True).clamp_min(1e-4)
-        owner = self.block_ids()
-        cross = (owner[:, None] != owner[None, :]).to(a.dtype)
-        gram_a = a @ a.T
-        gram_b = b.T @ b
-        return 0.5 * ((gram_a**2 * cross).sum() + (gram_b**2 * cross).sum())
+        return block_orthogonality(self.lora_A[None], self.lora_B[None], self.block_ids()[None], normalize)[0]
 
 
 def _layers(model) -> dict[str, ThanoRALinear]:
     return {n: m for n, m in model.adapter_layers.items() if isinstance(m, ThanoRALinear)}
 
 
+def block_orthogonality(a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The penalty for a stack of layers: a (L, r, d_in), b (L, d_out, r), owner (L, r) -> (L,)."""
+    if normalize:
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-4)
+        b = b / b.norm(dim=-2, keepdim=True).clamp_min(1e-4)
+    cross = (owner[:, :, None] != owner[:, None, :]).to(a.dtype)
+    gram_a = a @ a.transpose(1, 2)
+    gram_b = b.transpose(1, 2) @ b
+    return 0.5 * ((gram_a**2 * cross).sum((1, 2)) + (gram_b**2 * cross).sum((1, 2)))
+
+
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
-    """The block-orthogonality regularizer, averaged over layers."""
+    """The block-orthogonality regularizer, averaged over layers (layers of equal shape in one batched op)."""
     cfg: ThanoRAConfig = model.adapter_config
-    layers = list(_layers(model).values())
-    value = torch.stack([layer.orthogonality_penalty(cfg.ortho_normalize) for layer in layers]).mean()
-    return {"orthogonality": (value, float(cfg.ortho_weight))}
+    groups: dict[tuple, list[ThanoRALinear]] = {}
+    for layer in _layers(model).values():
+        groups.setdefault((tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)), []).append(layer)
+    values = [block_orthogonality(torch.stack([la.lora_A for la in group]),
+                                  torch.stack([la.lora_B for la in group]),
+                                  torch.stack([la.block_ids() for la in group]), cfg.ortho_normalize)
+              for group in groups.values()]
+    return {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}
 
 
 def _batch_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
