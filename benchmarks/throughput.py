@@ -3,8 +3,8 @@
 Same model (random weights in a real architecture's shape), batch, sequence length and rank for every row.
 Prints a table and writes JSON + Markdown with tokens/s, peak memory and the ratios to PEFT.
 
-    python benchmarks/throughput.py --device cuda --shape qwen2.5-0.5b --batch 16 --seq 1024 --out benchmarks/results/throughput-h100
-    python benchmarks/throughput.py --device cpu --shape tiny-llama --batch 8 --seq 128 --out benchmarks/results/throughput-cpu
+    python benchmarks/throughput.py --device cuda --compile --out benchmarks/results/throughput-h100
+    python benchmarks/throughput.py --device cpu --out benchmarks/results/throughput-cpu
     python benchmarks/throughput.py --smoke        # a seconds-long correctness run (what CI does)
 """
 

@@ -15,6 +15,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert module.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     labels = {r["label"] for r in data["rows"]}
-    assert {"peft_lora", "mtpeft_lora", "mtpeft_mtl_lora", "peft_adapter_names_mixed", "mtpeft_mtl_lora_mixed"} <= labels
+    expected = {"peft_lora", "mtpeft_lora", "mtpeft_mtl_lora", "peft_adapter_names_mixed", "mtpeft_mtl_lora_mixed"}
+    assert expected <= labels
     assert all(r["tokens_per_s"] > 0 for r in data["rows"])
     assert "x PEFT" in (tmp_path / "results.md").read_text()

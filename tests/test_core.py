@@ -139,7 +139,7 @@ def test_only_adapter_parameters_train_and_base_stays_bit_identical(method):
     model.train()
     opt = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.1)
     ids, mask, labels = tiny_batch()
-    for step in range(3):
+    for _ in range(3):
         opt.zero_grad()
         out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2, 0]))
         out.loss.backward()

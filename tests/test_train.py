@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -125,7 +124,8 @@ def test_nan_loss_stops_with_step_and_tasks_and_keeps_last_checkpoint(tmp_path, 
         return out
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
-    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 3.*tasks in the batch: \[.*'(copy|parity)'"):
+    expected = r"non-finite loss \(nan\) at step 3.*tasks in the batch: \[.*'(copy|parity)'"
+    with pytest.raises(TrainingError, match=expected):
         trainer.train()
     ckpts = checkpoint_dirs(cfg.output_dir)
     assert [p.name for p in ckpts] == ["step-0000002"]

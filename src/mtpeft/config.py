@@ -145,7 +145,8 @@ class MethodSpec:
       methods that adapt something other than single linears (blocks, prompts) give ``inject`` instead.
     - ``aux_losses(model)`` returns ``{name: (value, weight)}`` from what the layers cached in the last forward.
     - ``param_groups(model, lr, weight_decay, **kw)``, ``calibrate(model, batches, **kw)`` and
-      ``add_task(model, name, **kw)``, ``describe(model) -> str`` are optional hooks behind the MTModel methods of the same names.
+      ``add_task(model, name, **kw)``, ``describe(model) -> str`` are optional hooks behind the MTModel
+      methods of the same names.
     - ``merge``: 'global' (one merge for all tasks), 'per_task' or 'none' (input-routed; approximate export only).
     - ``merge_for(config) -> str``: optional; when the merge class depends on the config (MoE-LoRA's task vs
       token gating) it overrides ``merge`` for that config. ``MTModel.merge_kind`` gives the effective value.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -166,8 +167,15 @@ class MTModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters())
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (the transformers signature, so Trainer's logging works)."""
+        if only_trainable:
+            return self.num_trainable_parameters()
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            embedding = self.base_model.get_input_embeddings()
+            total -= sum(p.numel() for p in embedding.parameters()) if embedding is not None else 0
+        return total
 
     def trainable_summary(self) -> str:
         """One line: trainable and total parameter counts."""
@@ -270,10 +278,8 @@ class MTModel(nn.Module):
             if total is not None and getattr(out, "loss", None) is not None:
                 out["loss"] = out.loss + total.to(out.loss.dtype)
             self._clear_caches()
-        try:
+        with contextlib.suppress(AttributeError):  # a tuple output (return_dict=False) has no attributes
             out.aux_losses = aux
-        except AttributeError:  # a tuple output (return_dict=False)
-            pass
         return out
 
     def _can_chunk_loss(self) -> bool:

@@ -59,9 +59,10 @@ def _converted_smollm2() -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map the SmolLM2 aliases to the cached converted copy when the offline package is installed."""
-    if name_or_path in SMOLLM2_ALIASES and not Path(name_or_path).exists():
-        if smollm2_package_dir() is not None or (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
-            return str(_converted_smollm2())
+    converted = (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file()
+    if (name_or_path in SMOLLM2_ALIASES and not Path(name_or_path).exists()
+            and (smollm2_package_dir() is not None or converted)):
+        return str(_converted_smollm2())
     return name_or_path
 
 

@@ -6,12 +6,16 @@ The trainer never knows a method by name: it sees ``out.loss``, ``out.aux_losses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from .runconfig import RunConfig
 CHECKPOINTS = "checkpoints"
 # Fault-injection aid for the kill/resume tests: seconds to sleep after each optimizer step.
 STEP_DELAY_ENV = "MTPEFT_STEP_DELAY_S"
+# nan_policy=skip: this many skipped batches in a row stop the run (the weights themselves are broken).
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 class TrainingError(RuntimeError):
@@ -168,7 +174,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, op
 
     try:
         atomic_write_dir(target, write)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # disk full, permissions; a non-finite adapter is refused
         previous = checkpoint_dirs(output_dir)
         last = str(previous[-1]) if previous else "none"
         raise TrainingError(f"could not write checkpoint {target}: {exc}. The last good checkpoint ({last}) is "
@@ -197,6 +203,23 @@ def _json_default(value: Any) -> Any:
 
 
 # --- the loop -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
 @dataclass
 class TrainResult:
     """What a run produced."""
@@ -221,7 +244,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Any:
 def _calibration_batches(tasks: list[tuple[TaskSpec, TaskData]], collator: MultiTaskCollator,
                          batch_size: int, per_task: int) -> list[dict[str, torch.Tensor]]:
     batches = []
-    for spec, data in tasks:
+    for _, data in tasks:
         for b in range(per_task):
             chunk = data.train[b * batch_size:(b + 1) * batch_size]
             if chunk:
@@ -321,6 +344,7 @@ class Trainer:
                    dynamic_ncols=True)
         step = start_step
         step_state = (self.sampler.state_dict(), _rng_state())
+        consecutive_skips = 0
         last_loss: float | None = None
         tokens, t0 = 0, time.perf_counter()
         try:
@@ -345,27 +369,39 @@ class Trainer:
                     for k, v in (getattr(out, "aux_losses", None) or {}).items():
                         aux_sums[k] = aux_sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
                     tokens += int(batch["attention_mask"].sum())
+                if bad is None and cfg.train.max_grad_norm:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # the update: NaN
+                        bad = (None, sorted(set(tasks_seen)), float(norm))
                 if bad is not None:
                     optimizer.zero_grad(set_to_none=True)
+                    what = "loss" if bad[0] is not None else "gradient norm"
+                    last = checkpoint_dirs(self.output_dir)
+                    last_text = last[-1] if last else "none (no checkpoint yet)"
                     if cfg.train.nan_policy == "skip":
                         result.skipped_batches += 1
-                        self._log(log_path, {"step": step + 1, "skipped": True, "reason": "non-finite loss",
-                                             "tasks": bad[1]})
+                        consecutive_skips += 1
+                        self._log(log_path, {"step": step + 1, "skipped": True,
+                                             "reason": f"non-finite {what}", "tasks": bad[1]})
+                        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                            raise TrainingError(
+                                f"{consecutive_skips} batches in a row had a non-finite loss or gradient "
+                                f"(the last: non-finite {what} at step {step + 1}): the weights or the "
+                                f"learning rate are broken; the last good checkpoint is {last_text}. "
+                                f"Lower train.lr")
                         continue
-                    last = checkpoint_dirs(self.output_dir)
+                    where = f" (micro-batch {bad[0]})" if bad[0] is not None else ""
                     raise TrainingError(
-                        f"non-finite loss ({bad[2]}) at step {step + 1} (micro-batch {bad[0]}); tasks in the batch: "
+                        f"non-finite {what} ({bad[2]}) at step {step + 1}{where}; tasks in the batch: "
                         f"{bad[1]}. Nothing was saved from this step; the last good checkpoint is "
-                        f"{last[-1] if last else 'none (no checkpoint yet)'}. Set train.nan_policy=skip to drop such "
-                        f"batches, or lower train.lr")
-                if cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if os.environ.get(STEP_DELAY_ENV):
-                    time.sleep(float(os.environ[STEP_DELAY_ENV]))
+                        f"{last_text}. Set train.nan_policy=skip to drop such batches, or lower train.lr")
+                consecutive_skips = 0
+                with _sigint_deferred():  # a Ctrl-C never lands between the update and the step count
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    step_state = (self.sampler.state_dict(), _rng_state())  # what a Ctrl-C now saves
                 last_loss = float(np.mean(losses))
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
@@ -384,6 +420,8 @@ class Trainer:
                     res = self.evaluate(device)
                     if res is not None:
                         self._log(log_path, {"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
+                if os.environ.get(STEP_DELAY_ENV):
+                    time.sleep(float(os.environ[STEP_DELAY_ENV]))
         except KeyboardInterrupt:
             bar.close()
             path = self._save(step, model, optimizer, scheduler, step_state)
@@ -391,7 +429,12 @@ class Trainer:
                 from None
         bar.close()
         self._save(step, model, optimizer, scheduler, (self.sampler.state_dict(), _rng_state()))
-        model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step})
+        try:
+            model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step})
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"could not write the adapter {self.output_dir / 'adapter'}: {exc}. The "
+                                f"last checkpoint ({checkpoint_dirs(self.output_dir)[-1]}) is intact; free "
+                                f"space or fix permissions and resume with --resume to write it again") from exc
         result.steps, result.final_loss = step, last_loss
         prepared.eval()
         result.eval = self.evaluate(device)
@@ -426,8 +469,14 @@ class Trainer:
 
     @staticmethod
     def _log(path: Path, record: dict[str, Any]) -> None:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as exc:
+            last = checkpoint_dirs(path.parent)
+            raise TrainingError(f"could not write the metrics log {path}: {exc}. The last good checkpoint "
+                                f"is {last[-1] if last else 'none (no checkpoint yet)'}; free space or fix "
+                                f"permissions and resume with --resume") from exc
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, **kwargs: Any) -> TrainResult:
