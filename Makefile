@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/mtpeft demo
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks examples

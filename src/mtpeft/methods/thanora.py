@@ -207,9 +207,16 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     return {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}
 
 
-def _batch_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows.shape[0] else v)
-            for k, v in batch.items()}
+def _task_batches(batches: list[dict[str, Any]], task: int, device: torch.device, keys: tuple[str, ...]):
+    """The rows of each batch that belong to ``task``: (sub-batch on ``device`` restricted to ``keys``, task ids)."""
+    for batch in batches:
+        rows = batch["task_ids"].reshape(-1).cpu() == task
+        if not rows.any():
+            continue
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"ThanoRA calibration batches need {missing} (complexity='gradients' needs labels)")
+        yield {k: batch[k][rows.to(batch[k].device)].to(device) for k in keys}, batch["task_ids"][rows]
 
 
 @torch.no_grad()
@@ -232,14 +239,9 @@ def _collect_activations(model, layers: dict[str, ThanoRALinear], batches: list[
     for name, layer in layers.items():
         hooks.append(layer.register_forward_pre_hook(make_hook(name)))
     try:
-        for batch in batches:
-            rows = batch["task_ids"].reshape(-1).cpu() == task
-            if not rows.any():
-                continue
-            sub = _batch_rows(batch, rows)
-            mask_holder["mask"] = sub.get("attention_mask")
-            inputs = {k: v.to(model.device) for k, v in sub.items() if k in ("input_ids", "attention_mask")}
-            model(**inputs, task_ids=sub["task_ids"])
+        for inputs, task_ids in _task_batches(batches, task, model.device, ("input_ids", "attention_mask")):
+            mask_holder["mask"] = inputs["attention_mask"]
+            model(**inputs, task_ids=task_ids)
     finally:
         for h in hooks:
             h.remove()
@@ -273,14 +275,8 @@ def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[di
     for name, layer in layers.items():
         hooks.append(layer.register_forward_hook(make_hook(name)))
     try:
-        for batch in batches:
-            rows = batch["task_ids"].reshape(-1).cpu() == task
-            if not rows.any():
-                continue
-            sub = _batch_rows(batch, rows)
-            if "labels" not in sub:
-                raise ValueError("ThanoRA complexity='gradients' needs calibration batches with labels")
-            inputs = {k: v.to(model.device) for k, v in sub.items() if k in ("input_ids", "attention_mask", "labels")}
+        keys = ("input_ids", "attention_mask", "labels")
+        for inputs, _ in _task_batches(batches, task, model.device, keys):
             with torch.enable_grad():
                 out = model.base_model(**inputs)
                 out.loss.backward()
