@@ -8,6 +8,7 @@ before and after training, saves the adapter and a PEFT export per task, and say
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,11 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     for target in written:
         print(f"  PEFT LoRA export:   {target}")
     print(f"  metrics log:        {out / 'metrics.jsonl'}\n  evaluation:         {out / 'eval'}")
-    first = model.tasks[0]
+    first_spec, first_data = trainer.tasks[0]
+    first, sample = first_spec.name, (first_data.eval or first_data.train)[0].prompt
     print("\nNext:")
     print(f"  mtpeft eval {out}")
-    print(f"  mtpeft predict {out} --task {first} \"Review: The soup was delicious.\\nSentiment:\"")
+    print(f"  mtpeft predict {out} --task {first} {json.dumps(sample)}")
     print(f"  mtpeft export {out} --task {first} --format merged --out {out / 'merged'}")
     print("  mtpeft train examples/bbh27_thanora.yaml   # your own tasks: see examples/ and README.md")
     return result
