@@ -173,8 +173,9 @@ def test_bad_config_key_and_value_are_named(tmp_path):
         run_config_from_dict({"tasks": ["demo"], "method": {"method": "lora", "rank": 4}})
     path = tmp_path / "r.yaml"
     path.write_text("tasks: [demo]\ntrain:\n  steps: 5\n")
-    cfg = load_run_config(path, ["train.steps=7", "method.method=thanora", "method.r=12"])
+    cfg = load_run_config(path, ["train.steps=7", "method.method=thanora", "method.r=12", "train.lr=1e-3"])
     assert cfg.train.steps == 7 and cfg.method == {"method": "thanora", "r": 12}
+    assert cfg.train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; float fields accept it
     path.write_text("tasks: [demo]\ntrain: [1\n")
     with pytest.raises(RunConfigError, match=r"r\.yaml: line \d+ invalid YAML"):
         load_run_config(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +156,9 @@ def _positive(key: str, value: Any) -> None:
         raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Coerce ints to floats where floats are expected; reject other mismatches naming the key."""
     hint = annotation
@@ -168,6 +172,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         base = typing.get_origin(opt) or opt
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base is bool and isinstance(value, bool):
@@ -189,7 +195,7 @@ def _build_section(cls: type, data: Any, prefix: str) -> Any:
         raise RunConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise RunConfigError(f"unknown key {prefix}.{unknown[0]}; allowed keys in {prefix}: {sorted(known)}")
     values = {k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in data.items()}
@@ -203,7 +209,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not isinstance(data, dict):
         raise RunConfigError("a run config must be a YAML mapping")
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise RunConfigError(f"unknown key {unknown[0]!r}; allowed top-level keys: {sorted(known)}")
     values: dict[str, Any] = {}
@@ -246,7 +252,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RunConfigError(f"--set has an empty key: {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:  # PyYAML's constructors: '!!float x'
         raise RunConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
     return path, value
 
@@ -279,6 +285,10 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
             raise RunConfigError(f"{path}:{where} invalid YAML: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise RunConfigError(f"{path}: not UTF-8 text ({exc})") from exc
+        except (ValueError, TypeError, AttributeError) as exc:  # a bad tagged/typed value, e.g. 2024-13-45
+            raise RunConfigError(f"{path}: invalid YAML value: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RunConfigError(f"{path}: a run config must be a YAML mapping, got a {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
         return run_config_from_dict(data)
