@@ -52,6 +52,8 @@ def test_builtin_source_through_load_task_and_yaml_roundtrip() -> None:
     assert (len(d.train), len(d.eval)) == (8, 4)
     with pytest.raises(ValueError, match=r"unknown builtin task 'nope'"):
         load_task(TaskSpec(name="x", source="builtin:nope"))
+    with pytest.raises(ValueError, match="set max_train/max_eval instead"):
+        load_task(TaskSpec(name="x", source="builtin:arithmetic", test_size=5))
     with pytest.raises(ValueError, match=r"unknown demo task\(s\) \['nope'\]"):
         demo_specs(names=["nope"])
     assert set(DEMO_TASKS) >= {"sentiment", "arithmetic", "reverse", "extract"}

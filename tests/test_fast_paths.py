@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model

@@ -7,8 +7,12 @@ carries its help text in ``metadata["help"]``) and registers a :class:`MethodSpe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import numbers
 import os
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +25,45 @@ if TYPE_CHECKING:
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the allowed values."""
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a task name, or None. Task names become folder names (``out/peft/<task>``
+    exports, per-task files), so they cannot hold a path separator or NUL, nor start with '.' ('..')."""
+    if "/" in name or "\\" in name:
+        return "holds a path separator ('/' or '\\'); task names become folder names"
+    if "\x00" in name:
+        return "holds a NUL character; task names become folder names"
+    if name.startswith("."):
+        return "starts with '.' (a hidden or parent folder); task names become folder names"
+    return None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (ints pass as floats; numpy scalars count as numbers)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    args = typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
+                                                            for k, v in value.items()))
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(hint, type) and hint is not typing.Any:
+        return isinstance(value, hint)
+    return True  # an annotation this check does not know: the method's own validation decides
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -71,10 +114,21 @@ class AdapterConfig:
         if isinstance(self.tasks, str):
             raise ConfigError(f"{type(self).__name__}.tasks must be a list of task names, got the string "
                               f"{self.tasks!r}")
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):  # every field's type first (values from YAML/JSON can be anything)
+            value = getattr(self, f.name)
+            if not (_fits(value, list) if f.name == "tasks" else _fits(value, hints[f.name])):
+                hint = hints[f.name]
+                wanted = hint.__name__ if isinstance(hint, type) else str(hint)
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be {wanted}, got {type(value).__name__} "
+                                  f"{value!r}")
         self.tasks = list(self.tasks)
         for i, name in enumerate(self.tasks):
             if not isinstance(name, str) or not name.strip():
                 raise ConfigError(f"{type(self).__name__}.tasks[{i}] is empty or not a string: {name!r}")
+            problem = task_name_problem(name)
+            if problem:
+                raise ConfigError(f"{type(self).__name__}.tasks[{i}] = {name!r} {problem}")
         duplicates = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if duplicates:
             raise ConfigError(f"{type(self).__name__}.tasks has duplicate task names: {duplicates}")
@@ -126,7 +180,7 @@ class AdapterConfig:
         if method != cls.method:
             raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} for method {cls.method!r}; known keys: {sorted(known)}")
         return cls(**data)
@@ -194,7 +248,7 @@ def _ensure_builtin_methods() -> None:
 def get_method(name: str) -> MethodSpec:
     """The registered method of that name; an unknown name lists the available ones."""
     _ensure_builtin_methods()
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available methods: {available_methods()}")
     return _REGISTRY[name]
 

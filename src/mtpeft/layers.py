@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+
 import torch
 from torch import nn
 

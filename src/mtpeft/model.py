@@ -313,6 +313,8 @@ class MTModel(nn.Module):
             return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
 
         total = hidden.new_zeros((), dtype=torch.float32)
+        if hidden.shape[0] <= self.loss_chunk_size:  # one chunk: nothing to save by recomputing its logits
+            return CausalLMOutputWithPast(loss=chunk_loss(hidden, targets) / max(int(keep.sum()), 1), logits=None)
         for start in range(0, hidden.shape[0], self.loss_chunk_size):
             h, y = hidden[start:start + self.loss_chunk_size], targets[start:start + self.loss_chunk_size]
             total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
@@ -404,8 +406,12 @@ class MTModel(nn.Module):
             record = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise AdapterLoadError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        if "adapter" not in record:
-            raise AdapterLoadError(f"{config_file}: missing the 'adapter' key")
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise AdapterLoadError(f"{config_file}: not a readable JSON file ({exc})") from exc
+        if not isinstance(record, dict) or "adapter" not in record:
+            raise AdapterLoadError(f"{config_file}: expected a JSON object with an 'adapter' key")
+        if not isinstance(record.get("base_model", {}), dict):
+            raise AdapterLoadError(f"{config_file}: 'base_model' must be an object (the base model's fingerprint)")
         try:
             adapter_config = config_from_dict(record["adapter"])
         except (ConfigError, TypeError) as exc:
@@ -415,8 +421,15 @@ class MTModel(nn.Module):
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise AdapterLoadError(f"{weights} not found (mtpeft stores adapters as safetensors only)")
-        state = load_file(str(weights))
-        model = cls(base_model, adapter_config)
+        try:  # safetensors never unpickles: a pickle (or anything else) under this name fails to parse
+            state = load_file(str(weights))
+        except Exception as exc:
+            raise AdapterLoadError(f"{weights}: not a valid safetensors file ({exc}); mtpeft loads safetensors "
+                                   f"only and never unpickles weights") from exc
+        try:
+            model = cls(base_model, adapter_config)
+        except ConfigError as exc:
+            raise AdapterLoadError(f"{config_file}: the adapter does not fit this base model: {exc}") from exc
         model.load_adapter_state_dict(state, source=str(weights))
         if not is_trainable:
             model.eval()

@@ -5,6 +5,12 @@ optimizer steps on CPU, while an untrained model scores clearly lower (mostly be
 answer in the expected short form). Targets are 1-3 tokens and scored by exact match, except the
 classification and multiple-choice tasks, scored by option log-likelihood.
 
+Measured (SmolLM2-135M-Instruct, fp32, CPU; HF PEFT LoRA r=8 on all seven projections, AdamW lr 1e-3,
+150 steps of batch 8, uniform mixing, 240 train / 50 eval examples per task, seed 0): macro score
+26.4% untrained -> 93.2% trained (sentiment 98 -> 100, arithmetic 0 -> 66, reverse 0 -> 100, extract
+0 -> 100, category 34 -> 100). Sentiment is nearly solved by the untrained model through option
+likelihood; it stays in the suite as the control task.
+
 Tasks (prompt -> answer):
 
 * ``sentiment`` (classification): ``Review: The pizza was not bland at all.\\nSentiment:`` -> ``positive``
@@ -373,6 +379,11 @@ def builtin_records(spec: TaskSpec) -> tuple[list[Record], list[Record]]:
     if name not in DEMO_TASKS:
         raise ValueError(
             f"task {spec.name!r}: unknown builtin task {name!r}; available: {sorted(DEMO_TASKS)}"
+        )
+    if spec.eval_source is not None or spec.eval_split is not None or spec.test_size is not None:
+        raise ValueError(
+            f"task {spec.name!r}: builtin tasks generate disjoint train/eval sets themselves; "
+            "set max_train/max_eval instead of eval_source, eval_split or test_size"
         )
     n_train = DEFAULT_N_TRAIN if spec.max_train is None else spec.max_train
     n_eval = DEFAULT_N_EVAL if spec.max_eval is None else spec.max_eval

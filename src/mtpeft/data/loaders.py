@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,6 +173,8 @@ def _read_json(path: Path, text: str, split: str | None) -> list[Record]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _json_error(path, exc) from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply to read") from None
     lines = _LineIndex(text)
     decoder = json.JSONDecoder()
     start = _skip_ws(text, 0)
@@ -197,17 +200,21 @@ def _read_json(path: Path, text: str, split: str | None) -> list[Record]:
             f"{path}: top-level JSON object holds several lists {list_keys}; "
             f"name the one to read with split=... (got split={split!r})"
         )
-    # Walk the object to find where the chosen list starts, so records get their real lines.
-    pos = start + 1
+    # Walk the object to find where the chosen list starts, so records get their real lines. A repeated
+    # key's last value is the one json.loads kept.
+    pos, found = start + 1, start
     while True:
         pos = _skip_ws(text, pos)
         k, pos = decoder.raw_decode(text, pos)
         pos = _skip_ws(text, pos) + 1  # the ':'
         pos = _skip_ws(text, pos)
         if k == key:
-            return _located_array(path, text, pos, doc[key], lines, decoder)
+            found = pos
         _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_ws(text, pos) + 1  # ',' (or '}', unreachable: the key is present)
+        pos = _skip_ws(text, pos)
+        if text[pos] == "}":
+            return _located_array(path, text, found, doc[key], lines, decoder)
+        pos += 1  # ','
 
 
 def _located_array(
@@ -231,7 +238,8 @@ def _located_array(
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     out: list[Record] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: JSON strings may hold other line separators (U+2028, U+0085) unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -240,6 +248,8 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             raise DataFormatError(
                 f"{path} line {lineno} column {exc.colno}: invalid JSON: {exc.msg}"
             ) from None
+        except RecursionError:
+            raise DataFormatError(f"{path} line {lineno}: JSON nested too deeply to read") from None
         if not isinstance(value, dict):
             raise DataFormatError(
                 f"{path} line {lineno}: expected a JSON object per line, got a {type(value).__name__}"
@@ -253,7 +263,8 @@ def _read_delimited(
 ) -> list[Record]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     kind = "tab" if delimiter == "\t" else "comma"
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter, quoting=quoting, strict=True)
+    # Rows end at \n, \r\n or \r only (as csv expects), not at the other separators str.splitlines knows.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     header_pending = header if header is not None else columns is None
     names: list[str] | None = list(columns) if columns is not None else None
     if names is not None and len(set(names)) != len(names):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import task_name_problem
 from .loaders import DataFormatError, Record, is_record_file, read_located_records
 from .metrics import METRICS
 
@@ -168,6 +169,35 @@ def _one_decimal_score(rec: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- specs
 
+_SCALARS = (str, int, float, bool)
+
+
+@functools.lru_cache(maxsize=1)
+def _spec_types() -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(TaskSpec)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a (YAML-loaded) value fits a TaskSpec annotation; list/dict items may be any scalar."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if origin is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value)
+    if origin is dict:
+        return isinstance(value, Mapping) and all(isinstance(v, _SCALARS) for kv in value.items() for v in kv)
+    if origin in (int, float):
+        return isinstance(value, (int, float) if origin is float else int) and not isinstance(value, bool)
+    return isinstance(value, origin)
+
+
 
 @dataclass
 class TaskSpec:
@@ -245,6 +275,15 @@ class TaskSpec:
 
         if not isinstance(self.name, str) or not self.name.strip():
             raise TaskSpecError(f"task name must be a non-empty string, got {self.name!r}")
+        problem = task_name_problem(self.name)
+        if problem:
+            raise TaskSpecError(f"task name {self.name!r} {problem}")
+        for f in dataclasses.fields(self):  # every field's type, before any value is used
+            value = getattr(self, f.name)
+            if not _has_type(value, _spec_types()[f.name]):
+                hint = _spec_types()[f.name]
+                wanted = hint.__name__ if isinstance(hint, type) else str(hint)
+                raise err(f"{f.name} must be {wanted}, got {type(value).__name__} {value!r}")
         if not isinstance(self.source, str) or not self.source.strip():
             raise err(f"source must be a non-empty string, got {self.source!r}")
         if self.type not in TASK_TYPES:
