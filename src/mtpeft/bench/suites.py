@@ -126,8 +126,9 @@ def entry_name(entry: Any) -> str:
         return entry.split(":", 1)[1] if ":" in entry else entry
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         return entry["name"]
-    raise SuiteError(f"a task entry must be a preset name ('bbh:navigate') or a task-spec mapping with a "
-                     f"'name', got {entry!r}")
+    raise SuiteError(
+        f"a task entry must be a preset name ('bbh:navigate') or a task-spec mapping with a 'name', got {entry!r}"
+    )
 
 
 def scaling_order() -> list[str]:
@@ -138,50 +139,106 @@ def scaling_order() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- configs
-def _gpu_sections(max_length: int, steps: int, *, batch_size: int = 16, max_new_tokens: int = 24,
-                  max_eval: int | None = None, **data: Any) -> dict[str, Any]:
+def _gpu_sections(
+    max_length: int,
+    steps: int,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    max_eval: int | None = None,
+    **data: Any,
+) -> dict[str, Any]:
     return {
         "model": {"name": "smollm2", "dtype": "float32"},
-        "data": {"max_length": max_length, "truncation": "left", "mixing": "proportional",
-                 "max_eval_per_task": max_eval, **data},
-        "train": {"steps": steps, "batch_size": batch_size, "grad_accum": 1, "lr": 2e-4, "warmup_ratio": 0.03,
-                  "schedule": "cosine", "precision": "bf16", "save_every": 100, "keep_checkpoints": 1,
-                  "log_every": 10, "eval_every": 0},
+        "data": {
+            "max_length": max_length,
+            "truncation": "left",
+            "mixing": "proportional",
+            "max_eval_per_task": max_eval,
+            **data,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "grad_accum": 1,
+            "lr": 2e-4,
+            "warmup_ratio": 0.03,
+            "schedule": "cosine",
+            "precision": "bf16",
+            "save_every": 100,
+            "keep_checkpoints": 1,
+            "log_every": 10,
+            "eval_every": 0,
+        },
         "eval": {"batch_size": 32, "max_new_tokens": max_new_tokens, "before_training": False},
     }
 
 
-def _cpu_sections(max_length: int, steps: int, *, max_eval: int = 30, max_new_tokens: int = 5,
-                  **data: Any) -> dict[str, Any]:
+def _cpu_sections(
+    max_length: int, steps: int, *, max_eval: int = 30, max_new_tokens: int = 5, **data: Any
+) -> dict[str, Any]:
     return {
         "model": {"name": "smollm2", "dtype": "float32"},
-        "data": {"max_length": max_length, "truncation": "left", "mixing": "uniform", "max_train_per_task": 200,
-                 "max_eval_per_task": max_eval, **data},
-        "train": {"steps": steps, "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup_ratio": 0.05,
-                  "schedule": "cosine", "precision": "fp32", "save_every": 25, "keep_checkpoints": 1,
-                  "log_every": 5, "eval_every": 0},
+        "data": {
+            "max_length": max_length,
+            "truncation": "left",
+            "mixing": "uniform",
+            "max_train_per_task": 200,
+            "max_eval_per_task": max_eval,
+            **data,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "warmup_ratio": 0.05,
+            "schedule": "cosine",
+            "precision": "fp32",
+            "save_every": 25,
+            "keep_checkpoints": 1,
+            "log_every": 5,
+            "eval_every": 0,
+        },
         "eval": {"batch_size": 32, "max_new_tokens": max_new_tokens, "before_training": False},
     }
 
 
 def _bbh27(quick: bool) -> Suite:
     names = list(QUICK_BBH_TASKS) if quick else list(BBH_TASKS)
-    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544)
-    desc = ("BIG-Bench-Hard, each task split train/test with seed 0 (test = min(100, n // 3)), trained as one "
-            f"{len(names)}-task mixture")
-    return Suite("bbh27", desc, [SuiteSetting("all", [f"bbh:{n}" for n in names])], cfg,
-                 top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick)
+    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544, max_new_tokens=64)
+    desc = (
+        "BIG-Bench-Hard, each task split train/test with seed 0 (test = min(100, n // 3)), trained as one "
+        f"{len(names)}-task mixture"
+    )
+    return Suite(
+        "bbh27",
+        desc,
+        [SuiteSetting("all", [f"bbh:{n}" for n in names])],
+        cfg,
+        top_layers=QUICK_TOP_LAYERS if quick else None,
+        quick=quick,
+    )
 
 
 def _bbh_scaling(quick: bool) -> Suite:
     order = list(QUICK_BBH_TASKS) if quick else scaling_order()
     counts = QUICK_SCALING_COUNTS if quick else SCALING_COUNTS
-    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544)
+    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544, max_new_tokens=64)
     settings = [SuiteSetting(f"tasks-{n}", [f"bbh:{t}" for t in order[:n]]) for n in counts]
-    desc = (f"BIG-Bench-Hard with {', '.join(map(str, counts))} tasks (nested: every setting contains the "
-            "previous one): does a method degrade as tasks are added?")
-    return Suite("bbh-scaling", desc, settings, cfg, top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick,
-                 core_tasks=order[:counts[0]])
+    desc = (
+        f"BIG-Bench-Hard with {', '.join(map(str, counts))} tasks (nested: every setting contains the "
+        "previous one): does a method degrade as tasks are added?"
+    )
+    return Suite(
+        "bbh-scaling",
+        desc,
+        settings,
+        cfg,
+        top_layers=QUICK_TOP_LAYERS if quick else None,
+        quick=quick,
+        core_tasks=order[: counts[0]],
+    )
 
 
 def _glue(quick: bool) -> Suite:
@@ -190,11 +247,16 @@ def _glue(quick: bool) -> Suite:
         cfg = _cpu_sections(96, 60, max_eval=40)
     else:
         names = ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"]
-        cfg = _gpu_sections(256, 1000, max_new_tokens=8, mixing="temperature", temperature=2.0,
-                            max_train_per_task=5000)
+        cfg = _gpu_sections(256, 1000, max_new_tokens=8, mixing="temperature", temperature=2.0, max_train_per_task=5000)
     desc = "GLUE (train.tsv -> dev.tsv); classification by option log-likelihood, STS-B as score generation"
-    return Suite("glue", desc, [SuiteSetting("all", [f"glue:{n}" for n in names])], cfg,
-                 top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick)
+    return Suite(
+        "glue",
+        desc,
+        [SuiteSetting("all", [f"glue:{n}" for n in names])],
+        cfg,
+        top_layers=QUICK_TOP_LAYERS if quick else None,
+        quick=quick,
+    )
 
 
 def _commonsense(quick: bool) -> Suite:
@@ -204,8 +266,10 @@ def _commonsense(quick: bool) -> Suite:
         cfg = _cpu_sections(160, 60, max_eval=30)
     else:
         cfg = _gpu_sections(384, 1000, max_new_tokens=8, max_eval=1000, task_balanced=4)
-    desc = ("commonsense reasoning (LLM-Adapters files): trained on BoolQ, ARC-e, ARC-c, OBQA; PIQA, SIQA and "
-            "WinoGrande evaluated as unseen tasks")
+    desc = (
+        "commonsense reasoning (LLM-Adapters files): trained on BoolQ, ARC-e, ARC-c, OBQA; PIQA, SIQA and "
+        "WinoGrande evaluated as unseen tasks"
+    )
     setting = SuiteSetting("all", [f"commonsense:{n}" for n in train], [f"commonsense:{n}" for n in unseen])
     return Suite("commonsense", desc, [setting], cfg, top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick)
 
@@ -228,8 +292,10 @@ def get_suite(name: str, *, quick: bool = False, scaling_steps: str = "per_task"
         SuiteError: unknown suite (the message lists the suites) or unknown ``scaling_steps``.
     """
     if name not in _BUILDERS:
-        raise SuiteError(f"unknown suite {name!r}; available suites: {available_suites()} "
-                         f"(or build one from task specs with mtpeft.bench.custom_suite)")
+        raise SuiteError(
+            f"unknown suite {name!r}; available suites: {available_suites()} "
+            f"(or build one from task specs with mtpeft.bench.custom_suite)"
+        )
     suite = _BUILDERS[name](quick)
     return apply_scaling_steps(suite, scaling_steps)
 
@@ -246,9 +312,16 @@ def apply_scaling_steps(suite: Suite, policy: str) -> Suite:
     return suite
 
 
-def custom_suite(tasks: Sequence[Any], config: dict[str, Any], *, name: str = "custom",
-                 unseen: Sequence[Any] = (), description: str = "", top_layers: int | None = None,
-                 settings: Sequence[SuiteSetting] | None = None) -> Suite:
+def custom_suite(
+    tasks: Sequence[Any],
+    config: dict[str, Any],
+    *,
+    name: str = "custom",
+    unseen: Sequence[Any] = (),
+    description: str = "",
+    top_layers: int | None = None,
+    settings: Sequence[SuiteSetting] | None = None,
+) -> Suite:
     """A suite from inline task entries (task-spec mappings or preset names) and run-config sections.
 
     ``config`` may hold ``model``, ``data``, ``train`` and ``eval`` (as in a run config); with ``settings``
@@ -270,5 +343,10 @@ def custom_suite(tasks: Sequence[Any], config: dict[str, Any], *, name: str = "c
             raise SuiteError(f"setting {s.name!r} repeats task names {dup}")
         if s.steps is None:
             s.steps = int(config.get("train", {}).get("steps", 100))
-    return Suite(name, description or f"custom suite of {len(settings[0].tasks)} tasks", list(settings),
-                 copy.deepcopy(dict(config)), top_layers=top_layers)
+    return Suite(
+        name,
+        description or f"custom suite of {len(settings[0].tasks)} tasks",
+        list(settings),
+        copy.deepcopy(dict(config)),
+        top_layers=top_layers,
+    )

@@ -1,0 +1,64 @@
+"""The benchmark harness: suites, the runner (every method plus baselines on the same budget) and the report.
+
+Python API::
+
+    from mtpeft.bench import BenchOptions, get_suite, run_bench
+    suite = get_suite("bbh27", quick=True)
+    options = BenchOptions(methods=["lora", "thanora", "untrained"], seeds=[0])
+    run_bench(suite, options, "benchmarks/results/bbh27-quick-mine")
+
+Command line: ``mtpeft bench SUITE ...`` (see ``benchmarks/README.md``). The names below are imported lazily,
+so that building the ``mtpeft`` argument parser stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    **{name: "report" for name in ("aggregate", "load_results", "write_report")},
+    **{
+        name: "runner"
+        for name in (
+            "BASELINES",
+            "DEFAULT_METHODS",
+            "METHOD_DEFAULTS",
+            "SINGLE_TASK_STEPS",
+            "UNSEEN_POLICIES",
+            "BenchError",
+            "BenchOptions",
+            "BenchRunner",
+            "RunSpec",
+            "choose_rank",
+            "count_trainable_parameters",
+            "plan_runs",
+            "run_bench",
+            "validate_methods",
+        )
+    },
+    **{
+        name: "suites"
+        for name in (
+            "SUITES",
+            "Suite",
+            "SuiteError",
+            "SuiteSetting",
+            "available_suites",
+            "custom_suite",
+            "get_suite",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
