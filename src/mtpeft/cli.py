@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (RunConfigError, ConfigError, DataFormatError, AdapterLoadError, MergeError, TrainingError,
             FileNotFoundError, ValueError) as exc:
+        if os.environ.get("MTPEFT_DEBUG"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
+        print("(set MTPEFT_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
