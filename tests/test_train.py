@@ -108,8 +108,8 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_adapter(tmp_pa
         assert torch.equal(a[key], b[key]), key
 
 
-def test_nan_loss_stops_with_step_and_tasks_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = run_config_from_dict(toy_run_config(tmp_path, tiny_model_dir))
+def _poisoned_trainer(cfg, monkeypatch, at_call: int, factor: float):
+    """A Trainer whose model's ``at_call``-th forward returns its loss times ``factor`` (nan or inf)."""
     from mtpeft.train import Trainer
 
     trainer = Trainer(cfg, progress=False)
@@ -119,11 +119,17 @@ def test_nan_loss_stops_with_step_and_tasks_and_keeps_last_checkpoint(tmp_path, 
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
-            out["loss"] = out.loss * float("nan")
+        if calls["n"] == at_call:
+            out["loss"] = out.loss * factor
         return out
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
+    return trainer
+
+
+def test_nan_loss_stops_with_step_and_tasks_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = run_config_from_dict(toy_run_config(tmp_path, tiny_model_dir))
+    trainer = _poisoned_trainer(cfg, monkeypatch, at_call=3, factor=float("nan"))
     expected = r"non-finite loss \(nan\) at step 3.*tasks in the batch: \[.*'(copy|parity)'"
     with pytest.raises(TrainingError, match=expected):
         trainer.train()
@@ -135,20 +141,7 @@ def test_nan_loss_stops_with_step_and_tasks_and_keeps_last_checkpoint(tmp_path, 
 
 def test_nan_policy_skip_drops_the_batch(tmp_path, tiny_model_dir, monkeypatch):
     cfg = run_config_from_dict(toy_run_config(tmp_path, tiny_model_dir, nan_policy="skip"))
-    from mtpeft.train import Trainer
-
-    trainer = Trainer(cfg, progress=False)
-    forward = trainer.model.forward
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            out["loss"] = out.loss * float("inf")
-        return out
-
-    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    trainer = _poisoned_trainer(cfg, monkeypatch, at_call=2, factor=float("inf"))
     result = trainer.train()
     assert result.skipped_batches == 1 and result.steps == 6
     for value in _adapter(Path(cfg.output_dir)).values():
