@@ -160,6 +160,32 @@ class RoutedExpertsMixin:
         self.routing_mean = None
 
 
+class SharedDownRoutedMixin(RoutedExpertsMixin):
+    """The HydraLoRA-shaped path that HydraLoRA layers and mtLoRA blocks share: a shared down-projection
+    ``lora_A`` (r x d_in), expert up-projections ``lora_B`` (E x d_out x r) and a router ``lora_router``
+    (G*E x d_in) mixing them per token and per output-channel group."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    lora_router: nn.Parameter
+    num_groups: int
+    num_experts: int
+    scale: float
+    dropout: nn.Module
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token routing weights (..., G, E); they sum to 1 over E for every token and group."""
+        logits = F.linear(x.to(self.lora_router.dtype), self.lora_router)
+        return grouped_softmax(logits, self.num_groups, self.num_experts)
+
+    def routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s * sum_e pi_e(x) * (B_e A dropout(x)), caching the routing for the balance loss."""
+        pi = self.routing_weights(x)
+        self._cache_routing(pi)
+        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        return routed_up(z, pi, self.lora_B) * self.scale
+
+
 # --- HydraLoRA ----------------------------------------------------------------------------------------------
 @dataclass
 class HydraLoRAConfig(AdapterConfig):
@@ -188,7 +214,7 @@ class HydraLoRAConfig(AdapterConfig):
             raise ConfigError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}")
 
 
-class HydraLoRALinear(RoutedExpertsMixin, LinearAdapter):
+class HydraLoRALinear(SharedDownRoutedMixin, LinearAdapter):
     """A linear with HydraLoRA. Parameters: ``lora_A`` (r x d_in), ``lora_B`` (E x d_out x r, zero at init),
     ``lora_router`` (G*E x d_in, bias-free, Kaiming-uniform)."""
 
@@ -208,16 +234,8 @@ class HydraLoRALinear(RoutedExpertsMixin, LinearAdapter):
             init_down_projection(self.lora_A, config.init, r)
             nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
 
-    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token routing weights (..., G, E); they sum to 1 over E for every token and group."""
-        logits = F.linear(x.to(self.lora_router.dtype), self.lora_router)
-        return grouped_softmax(logits, self.num_groups, self.num_experts)
-
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        pi = self.routing_weights(x)
-        self._cache_routing(pi)
-        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
-        return routed_up(z, pi, self.lora_B) * self.scale
+        return self.routed_delta(x)
 
     def expert_matrices(self) -> list[torch.Tensor]:
         """The experts' up-projections B_e (d_out x r), for the spectral regularizer."""

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
@@ -68,11 +67,9 @@ from ..layers import (
 from ..model import MergeError
 from .hydralora import (
     HydraLoRALinear,
-    RoutedExpertsMixin,
+    SharedDownRoutedMixin,
     balance_loss,
-    grouped_softmax,
     routed_layers,
-    routed_up,
     routing_groups,
     spectral_paper,
     spectral_released,
@@ -280,7 +277,7 @@ class MtLoRAConfig(AdapterConfig):
         return 500 if self.spectral_mode == "released" else 1
 
 
-class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
+class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
     """Wraps a sub-block (or, in BERT-style layers, the block's output dense) and adds the routed delta.
 
     Parameters: ``lora_A`` (r x d), ``lora_B`` (E x d x r, zero at init), ``lora_router`` (G*E x d).
@@ -331,17 +328,9 @@ class BlockAdapter(RoutedExpertsMixin, ModuleWrapper):
             return self.base_layer
         return self.base_layer.get_submodule(self.out_linear_path)
 
-    def routing_weights(self, u: torch.Tensor) -> torch.Tensor:
-        """Per-token routing weights (..., G, E), summing to 1 over experts for every token and group."""
-        logits = F.linear(u.to(self.lora_router.dtype), self.lora_router)
-        return grouped_softmax(logits, self.num_groups, self.num_experts)
-
     def block_delta(self, u: torch.Tensor) -> torch.Tensor:
         """Delta(u) = s * sum_e Pi_e * (B_e A dropout(u)), (..., d)."""
-        pi = self.routing_weights(u)
-        self._cache_routing(pi)
-        z = F.linear(self.dropout(u.to(self.lora_A.dtype)), self.lora_A)
-        return routed_up(z, pi, self.lora_B) * self.scale
+        return self.routed_delta(u)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped block's output plus Delta(u) (added to element 0 when the block returns a tuple)."""
