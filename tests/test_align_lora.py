@@ -105,3 +105,19 @@ def test_align_needs_task_ids_in_training_only():
         model(input_ids=ids, attention_mask=mask, labels=labels)
     model.eval()
     model(input_ids=ids, attention_mask=mask)
+
+
+def test_variance_floor_keeps_kl_finite_where_a_task_has_identical_samples():
+    # one position, r = 1: task 0's two samples coincide (zero variance), task 1's differ
+    z = torch.tensor([[[1.0]], [[1.0]], [[3.0]], [[5.0]]])
+    ids = torch.tensor([0, 0, 1, 1])
+    bare = alignment_loss(z, ids, None, eps=1e-8)
+    floored = alignment_loss(z, ids, None, eps=1e-8, variance_floor=0.1)
+    # by hand: overall unbiased variance of [1, 1, 3, 5] = 11/3; floor 0.1 * 11/3 for task 0; task 1 keeps 2
+    v0, v1, m0, m1 = 0.1 * 11 / 3 + 1e-8, 2.0 + 1e-8, 1.0, 4.0
+    kl01 = 0.5 * (math.log(v1 / v0) + (v0 + (m0 - m1) ** 2) / v1 - 1)
+    kl10 = 0.5 * (math.log(v0 / v1) + (v1 + (m0 - m1) ** 2) / v0 - 1)
+    assert float(floored) == pytest.approx(0.5 * (kl01 + kl10), rel=1e-5)
+    assert float(bare) > 1e8 > float(floored)
+    with pytest.raises(mtpeft.ConfigError, match="variance_floor"):
+        mtpeft.get_mt_model(tiny_model(), {"method": "align_lora", "tasks": TASKS, "variance_floor": -1})

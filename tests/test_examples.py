@@ -31,3 +31,15 @@ def test_example_config_is_valid(path: Path):
     for spec in specs:
         if not spec.source.startswith("builtin:"):
             assert Path(spec.source).is_file() or (DATA_ROOT / spec.source).is_file(), spec.source
+
+
+def test_shipped_accelerate_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"ddp", "multi_node"}
+    for path in configs:
+        cfg = load_config_from_file(str(path))
+        assert str(cfg.distributed_type).endswith("MULTI_GPU"), path
+        assert cfg.num_processes >= 2 and cfg.num_machines >= 1, path

@@ -7,6 +7,7 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
+from mtpeft.model import linear_cross_entropy
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
@@ -29,6 +30,48 @@ def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
     fast.loss.backward()
     for name, p in model.trainable_parameters():
         torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(chunk, bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, 40, (23,), generator=g)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, b), targets,
+                                              reduction="sum")
+    fused = linear_cross_entropy(hidden, weight, b, targets, chunk)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-6)
+    # a non-unit upstream gradient, as the mean over tokens gives
+    g_plain = torch.autograd.grad(plain * 0.37, inputs)
+    g_fused = torch.autograd.grad(fused * 0.37, inputs)
+    for a, c in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no gradient work without grad mode, same loss
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, b, targets, chunk), plain.detach(),
+                                   atol=1e-5, rtol=1e-6)
+
+
+def test_chunked_loss_with_a_trainable_head_equals_model_loss_gradients():
+    cfg = mtpeft.config_from_dict({"method": "lora", "tasks": TASKS, "r": 4, "modules_to_save": ["lm_head"]})
+    model = mtpeft.get_mt_model(tiny_model(), cfg)
+    perturb_adapters(model)
+    ids, mask, labels = tiny_batch(batch=4, seq=9)
+    labels[:, :3] = -100
+    assert model.base_model.get_output_embeddings().weight.requires_grad
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+    plain.loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk_size = 4
+    fast = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    fast.loss.backward()
+    for name, p in model.trainable_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_lora_forward_equals_plain_formula():

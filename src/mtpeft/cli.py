@@ -33,7 +33,8 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
         adapter = ckpts[-1] / "adapter"
         print(f"note: no final adapter; using the latest checkpoint {adapter}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                           quantization=cfg.model.quantization)
     return cfg, tokenizer, MTModel.from_pretrained(base, adapter)
 
 
@@ -55,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.set)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
-    _print_result(result)
+    if result.is_main_process:
+        _print_result(result)
     return 0
 
 

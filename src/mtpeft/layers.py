@@ -59,6 +59,30 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """True for a bitsandbytes 4-/8-bit linear (its stored weight is not floating point)."""
+    weight = getattr(layer, "weight", None)
+    return weight is not None and not weight.dtype.is_floating_point
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense floating-point tensor; bitsandbytes 4-bit and 8-bit weights are dequantized."""
+    weight = layer.weight
+    if weight.dtype.is_floating_point:
+        return weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # Params4bit (NF4 / FP4)
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, state)
+    scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(layer, "state", None), "SCB", None)
+    if scales is not None and weight.dtype == torch.int8:  # Int8Params: row-wise absmax scaling
+        return weight.data.float() * (scales.float()[:, None] / 127.0)
+    raise TypeError(f"cannot dequantize the weight of {type(layer).__name__} (dtype {weight.dtype})")
+
+
 class LinearAdapter(nn.Module):
     """Base of the adapter layers that wrap one linear.
 
@@ -102,9 +126,11 @@ class LinearAdapter(nn.Module):
         return b @ a
 
     def merged_weight(self, task: int | None = None) -> torch.Tensor:
-        """Base weight plus this task's update, computed in fp32 and cast to the base dtype."""
-        w = self.base_layer.weight
-        return (w.to(self.delta_weight(task).dtype) + self.delta_weight(task)).to(w.dtype)
+        """Base weight plus this task's update, computed in fp32 and cast to the base dtype (a 4-/8-bit base
+        weight is dequantized first, and the result stays in its dequantized dtype)."""
+        w = dense_weight(self.base_layer)
+        delta = self.delta_weight(task)
+        return (w.to(delta.dtype) + delta).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scale={self.scale:g}"

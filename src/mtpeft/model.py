@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig, ConfigError, config_from_dict, get_method
-from .layers import LinearAdapter, TaskContext, find_target_linears, set_submodule
+from .layers import LinearAdapter, TaskContext, dense_weight, find_target_linears, is_quantized, set_submodule
 
 CONFIG_NAME = "mtpeft_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,6 +95,7 @@ class MTModel(nn.Module):
         self._saved_module_names = self._unfreeze_modules_to_save()
         # Causal-LM loss from the hidden states of labelled positions only, in chunks (0 = the model's own loss).
         self.loss_chunk_size = 0
+        self.last_aux_losses: dict[str, torch.Tensor] = {}  # the unweighted auxiliary losses of the last forward
 
     # --- injection --------------------------------------------------------------------------------
     def _inject(self) -> dict[str, nn.Module]:
@@ -278,6 +279,8 @@ class MTModel(nn.Module):
             if total is not None and getattr(out, "loss", None) is not None:
                 out["loss"] = out.loss + total.to(out.loss.dtype)
             self._clear_caches()
+        # Also kept on the model: wrappers (DistributedDataParallel) may rebuild the output without the attribute.
+        self.last_aux_losses = aux
         with contextlib.suppress(AttributeError):  # a tuple output (return_dict=False) has no attributes
             out.aux_losses = aux
         return out
@@ -295,32 +298,26 @@ class MTModel(nn.Module):
         """The causal-LM loss computed from labelled positions only, chunk by chunk.
 
         Prompt tokens need no logits in supervised fine-tuning, and the full (batch, seq, vocab) logits
-        tensor is what dominates memory; each chunk's logits are recomputed in backward (checkpointing).
-        Equals the model's mean token cross-entropy; ``out.logits`` is None.
+        tensor is what dominates memory: :func:`linear_cross_entropy` computes each chunk's logits, loss and
+        gradient at once and keeps none of them. Equals the model's mean token cross-entropy (the summed one
+        over ``num_items_in_batch`` when given); ``out.logits`` is None.
         """
-        from torch.utils.checkpoint import checkpoint
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        kwargs.pop("num_items_in_batch", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
         decoder_out = self.base_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = decoder_out[0][:, :-1]
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != -100
         hidden, targets = hidden[keep], targets[keep]
         head = self.base_model.get_output_embeddings()
-
-        def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
-
-        total = hidden.new_zeros((), dtype=torch.float32)
-        if hidden.shape[0] <= self.loss_chunk_size:  # one chunk: nothing to save by recomputing its logits
-            return CausalLMOutputWithPast(loss=chunk_loss(hidden, targets) / max(int(keep.sum()), 1), logits=None)
-        for start in range(0, hidden.shape[0], self.loss_chunk_size):
-            h, y = hidden[start:start + self.loss_chunk_size], targets[start:start + self.loss_chunk_size]
-            total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
-                             else chunk_loss(h, y))
-        loss = total / max(int(keep.sum()), 1)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
+        total = linear_cross_entropy(hidden, head.weight, getattr(head, "bias", None), targets, self.loss_chunk_size)
+        # ``num_items_in_batch`` (the transformers convention) replaces the local label count, e.g. by the
+        # global count over the data-parallel processes divided by their number.
+        denominator = num_items if num_items is not None else max(int(keep.sum()), 1)
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(total.device)
+        return CausalLMOutputWithPast(loss=total / denominator, logits=None)
 
     def _clear_caches(self) -> None:
         for layer in self.adapter_layers.values():
@@ -495,11 +492,18 @@ class MTModel(nn.Module):
         The adapter layers are removed from the base model in place; keep a saved adapter if you need it again.
         """
         tid = self._merge_task(task)
+        dequantized = False
         for name, layer in self._linear_layers().items():
             merged = layer.merged_weight(tid)
+            if is_quantized(layer.base_layer):  # QLoRA: the merged model holds dequantized weights
+                set_submodule(self.base_model, name, _dense_linear(layer.base_layer, merged))
+                dequantized = True
+                continue
             layer.base_layer.weight.data.copy_(merged)
             set_submodule(self.base_model, name, layer.base_layer)
         self.adapter_layers = {}
+        if dequantized:
+            _dequantize_rest(self.base_model)
         return self.base_model
 
     def export_peft(self, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
@@ -512,6 +516,90 @@ class MTModel(nn.Module):
         from .export import export_peft
 
         return export_peft(self, path, task=task, rank=rank, calibration=calibration)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` whose gradients are computed in the forward pass.
+
+    The loss is the last op of the graph, so its gradient is known up to the scalar ``grad_output`` while the
+    logits are at hand: each chunk's logits become softmax minus one-hot in place and are multiplied back into
+    gradients at once. No (tokens, vocab) tensor is kept for backward or recomputed; the log-softmax backward
+    kernel and the zero-filled nll gradient of the plain path are skipped.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        need_any = need_h or need_w or need_b
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            log_probs = torch.log_softmax(nn.functional.linear(h, weight, bias).float(), dim=-1)
+            total -= log_probs.gather(1, y[:, None]).sum()
+            if not need_any:
+                continue
+            dlogits = log_probs.exp_()  # softmax - onehot: d(summed loss) / d logits
+            dlogits[torch.arange(y.shape[0], device=y.device), y] -= 1
+            dlogits = dlogits.to(hidden.dtype)
+            if need_h:
+                torch.mm(dlogits, weight, out=grad_h[start:start + chunk])
+            if need_w:
+                grad_w += (dlogits.t() @ h).float()
+            if need_b:
+                grad_b += dlogits.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        grad_h, grad_w, grad_b = (None if g is None else (g * grad_output).to(dtype)
+                                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")`` (fp32) in chunks of
+    ``chunk`` rows, with its gradients computed in the forward pass (:class:`_LinearCrossEntropy`)."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(int(chunk), 1), torch.is_grad_enabled())
+
+
+def _dense_linear(quantized: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``weight`` (already dequantized and merged) and the quantized layer's bias."""
+    bias = getattr(quantized, "bias", None)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    dense.weight.data.copy_(weight)
+    if bias is not None:
+        dense.bias.data.copy_(bias.data.to(weight.dtype))
+    dense.requires_grad_(False)
+    return dense
+
+
+def _dequantize_rest(model: nn.Module) -> None:
+    """After a merge into dequantized weights, dequantize the linears no adapter touched as well and drop the
+    markers that would make ``save_pretrained`` write (and ``from_pretrained`` expect) a bitsandbytes checkpoint:
+    the merged model is a plain full-precision model, as vLLM and lm-eval load it."""
+    for name, module in list(model.named_modules()):
+        if name and is_quantized(module):
+            set_submodule(model, name, _dense_linear(module, dense_weight(module)))
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if hasattr(model, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, False)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, None)
 
 
 def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:

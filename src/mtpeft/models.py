@@ -87,11 +87,32 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     return tokenizer
 
 
+def quantization_config(quantization: str, dtype: torch.dtype | str) -> Any:
+    """A transformers ``BitsAndBytesConfig`` for '4bit' (NF4, double quantization: QLoRA) or '8bit'."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"model.quantization={quantization!r} needs bitsandbytes: pip install 'mtpeft[qlora]' "
+                          f"(or pip install bitsandbytes)") from exc
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+
+
 def load_base_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", task: str = "causal_lm",
-                    trust_remote_code: bool = False, device: str | None = None, **kwargs: Any) -> Any:
+                    trust_remote_code: bool = False, device: str | None = None, quantization: str | None = None,
+                    **kwargs: Any) -> Any:
     """Load a base model by Hugging Face name or local path (``smollm2`` for the offline SmolLM2 package).
 
     ``trust_remote_code`` stays off unless asked for; ``task`` is 'causal_lm' or 'sequence_classification'.
+    ``quantization`` '4bit' or '8bit' loads the frozen weights through bitsandbytes (QLoRA), onto this
+    process's GPU (or the CPU without one); adapters still train in fp32.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -102,6 +123,13 @@ def load_base_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", 
     auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
     if task not in auto:
         raise ValueError(f"task must be one of {sorted(auto)}, got {task!r}")
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        if "device_map" not in kwargs:
+            from accelerate import PartialState
+
+            kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+        device = None  # placed by device_map; a quantized model cannot be moved afterwards
     model = auto[task].from_pretrained(resolve_model_path(name_or_path), dtype=dtype,
                                        trust_remote_code=trust_remote_code, **kwargs)
     if device is not None:

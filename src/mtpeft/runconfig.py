@@ -39,9 +39,14 @@ class ModelSection:
     trust_remote_code: bool = _h("Allow the model repository's own code to run (off unless asked for).",
                                  default=False)
     gradient_checkpointing: bool = _h("Activation checkpointing (less memory, more compute).", default=False)
+    quantization: str | None = _h("Load the frozen base through bitsandbytes: '4bit' (NF4 + double quantization, "
+                                  "i.e. QLoRA) or '8bit'; null = unquantized. Needs `pip install mtpeft[qlora]`.",
+                                  default=None)
 
     def check(self, prefix: str) -> None:
         _one_of(f"{prefix}.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        if self.quantization is not None:
+            _one_of(f"{prefix}.quantization", self.quantization, ["4bit", "8bit"])
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .data.collator import MultiTaskCollator
 from .data.mixing import MixtureSampler
 from .data.tasks import Example, TaskData, TaskSpec, load_task
@@ -156,11 +157,16 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives."""
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, optimizer: torch.optim.Optimizer,
                     scheduler: Any, sampler_state: dict[str, Any], rng: tuple[dict, dict],
                     extra: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step-N`` atomically (adapter, optimizer, scheduler, RNG, data position)."""
-    target = Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+    target = checkpoint_path(output_dir, step)
     opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
     rng_tensors, rng_meta = rng
 
@@ -231,6 +237,7 @@ class TrainResult:
     eval: Any = None
     eval_before: Any = None
     skipped_batches: int = 0
+    is_main_process: bool = True  # under data parallelism only the main process saves, evaluates and reports
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Any:
@@ -272,7 +279,8 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         if model is None:
             base = base_model if base_model is not None else load_base_model(
-                cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                quantization=cfg.model.quantization)
             model = get_mt_model(base, method_cfg)
         self.model = model
         self.model.loss_chunk_size = cfg.train.loss_chunk_size
@@ -304,14 +312,30 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         """Run the loop; with ``resume`` continue from the latest complete checkpoint in the output folder."""
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         cpu = cfg.train.device == "cpu" or (cfg.train.device is None and not torch.cuda.is_available())
-        accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu)
+        # Task-indexed weights of tasks missing from one process's shard get no gradient there.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu,
+                                  kwargs_handlers=[ddp])
         device = accelerator.device
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.output_dir / "run_config.yaml")
+        engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+        if engine in ("FSDP", "DEEPSPEED"):
+            # Both shard parameters or optimizer state across processes; checkpoints here are written from
+            # whole tensors by one process, so a sharded run would save and resume a fraction of the state.
+            raise TrainingError(f"accelerate's {engine} engine is not supported by mtpeft train yet: use data "
+                                f"parallelism (examples/accelerate/ddp.yaml or multi_node.yaml), and "
+                                f"model.quantization=4bit when the base does not fit one GPU")
+        world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+        if world > 1 and cfg.train.batch_size < world:
+            raise TrainingError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be at "
+                                f"least the number of processes ({world})")
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.output_dir / "run_config.yaml")
         model = self.model.to(device)
 
         checkpoints = checkpoint_dirs(self.output_dir) if resume else []
@@ -319,8 +343,9 @@ class Trainer:
         if not resume and checkpoint_dirs(self.output_dir):
             raise TrainingError(f"{self.output_dir} already has checkpoints: pass --resume to continue that run, "
                                 f"or choose another output_dir")
+        accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         result = TrainResult(self.output_dir, 0, None)
-        if cfg.eval.before_training and not checkpoints:
+        if cfg.eval.before_training and not checkpoints and main:
             model.eval()
             result.eval_before = self.evaluate(device)
         if model.needs_calibration and not checkpoints:
@@ -332,15 +357,27 @@ class Trainer:
         scheduler = _scheduler(optimizer, cfg)
         if checkpoints:
             start_step = self._load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        if world > 1:  # the same seed everywhere would give every process the same dropout masks
+            torch.manual_seed(cfg.train.seed + 1_000_003 * rank + start_step)
         prepared, optimizer = accelerator.prepare(model, optimizer)
 
+        def log(path: Path, record: dict[str, Any]) -> None:
+            if main:
+                self._log(path, record)
+
+        def save(state) -> Path:
+            path = self._save(step, model, optimizer, scheduler, state) if main else checkpoint_path(
+                self.output_dir, step)
+            accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint it may resume from
+            return path
+
         log_path = self.output_dir / "metrics.jsonl"
-        if not checkpoints and log_path.exists():
+        if main and not checkpoints and log_path.exists():
             log_path.unlink()
-        elif checkpoints and log_path.exists():  # drop lines a killed run logged after its last checkpoint
+        elif main and checkpoints and log_path.exists():  # drop lines a killed run logged after its last checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if _logged_step(ln) <= start_step]
             log_path.write_text("".join(ln + "\n" for ln in kept))
-        bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not self.progress, desc="train",
+        bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (self.progress and main), desc="train",
                    dynamic_ncols=True)
         step = start_step
         step_state = (self.sampler.state_dict(), _rng_state())
@@ -354,21 +391,34 @@ class Trainer:
                 model.set_global_step(step)
                 losses, aux_sums, tasks_seen, bad = [], {}, [], None
                 for micro in range(cfg.train.grad_accum):
-                    batch_idx = self.sampler.next_batch()
-                    batch = self.collator(self._examples(batch_idx))
+                    batch_idx = self.sampler.next_batch()  # the global batch: the same on every process
+                    batch = self.collator(self._examples(distributed.shard_batch(batch_idx, rank, world)))
                     batch = {k: v.to(device) for k, v in batch.items()}
                     names = sorted({self.task_names[t] for t, _ in batch_idx})
                     tasks_seen.extend(names)
-                    out = prepared(**batch)
-                    loss = out.loss
-                    if not torch.isfinite(loss.detach()):
-                        bad = (micro, names, float(loss.detach()))
-                        break
-                    accelerator.backward(loss / cfg.train.grad_accum)
-                    losses.append(float(loss.detach()))
-                    for k, v in (getattr(out, "aux_losses", None) or {}).items():
+                    extra = {}
+                    if world > 1:
+                        # Token mean over the global batch: each process divides its sum by the global label
+                        # count over the number of processes, and the gradient average restores the mean.
+                        labelled = (batch["labels"][:, 1:] != -100).sum().float()
+                        extra["num_items_in_batch"] = accelerator.reduce(labelled, "sum") / world
+                    sync = contextlib.nullcontext() if micro == cfg.train.grad_accum - 1 or world == 1 \
+                        else accelerator.no_sync(prepared)
+                    with sync:
+                        out = prepared(**batch, **extra)
+                        loss = out.loss
+                        # one collective for the logged loss and the token count; every process then makes the
+                        # same decision about a non-finite loss
+                        shared = distributed.all_reduce_mean_detached(torch.stack(
+                            [loss.detach().float(), batch["attention_mask"].sum().float()]))
+                        if not torch.isfinite(shared[0]):
+                            bad = (micro, names, float(shared[0]))
+                            break
+                        accelerator.backward(loss / cfg.train.grad_accum)
+                    losses.append(float(shared[0]))
+                    for k, v in model.last_aux_losses.items():
                         aux_sums[k] = aux_sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += int(round(float(shared[1]) * world))
                 if bad is None and cfg.train.max_grad_norm:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                     if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # the update: NaN
@@ -381,7 +431,7 @@ class Trainer:
                     if cfg.train.nan_policy == "skip":
                         result.skipped_batches += 1
                         consecutive_skips += 1
-                        self._log(log_path, {"step": step + 1, "skipped": True,
+                        log(log_path, {"step": step + 1, "skipped": True,
                                              "reason": f"non-finite {what}", "tasks": bad[1]})
                         if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                             raise TrainingError(
@@ -412,35 +462,41 @@ class Trainer:
                 bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in aux_sums.items()},
                                  "tok/s": f"{tokens / elapsed:.0f}"})
                 if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                    self._log(log_path, record)
+                    log(log_path, record)
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                    self._save(step, model, optimizer, scheduler, (self.sampler.state_dict(), _rng_state()))
+                    save((self.sampler.state_dict(), _rng_state()))
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                     prepared.eval()
-                    res = self.evaluate(device)
+                    res = self.evaluate(device) if main else None  # the other processes wait at the barrier
                     if res is not None:
-                        self._log(log_path, {"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
+                        log(log_path, {"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
+                    accelerator.wait_for_everyone()
                 if os.environ.get(STEP_DELAY_ENV):
                     time.sleep(float(os.environ[STEP_DELAY_ENV]))
         except KeyboardInterrupt:
             bar.close()
-            path = self._save(step, model, optimizer, scheduler, step_state)
+            # no barrier here: a process the signal missed may be blocked in a collective
+            path = self._save(step, model, optimizer, scheduler, step_state) if main else checkpoint_path(
+                self.output_dir, step)
             raise TrainingError(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume") \
                 from None
         bar.close()
-        self._save(step, model, optimizer, scheduler, (self.sampler.state_dict(), _rng_state()))
+        save((self.sampler.state_dict(), _rng_state()))
+        result.steps, result.final_loss, result.is_main_process = step, last_loss, main
+        if not main:
+            return result
         try:
             model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step})
         except (OSError, ValueError) as exc:
             raise TrainingError(f"could not write the adapter {self.output_dir / 'adapter'}: {exc}. The "
                                 f"last checkpoint ({checkpoint_dirs(self.output_dir)[-1]}) is intact; free "
                                 f"space or fix permissions and resume with --resume to write it again") from exc
-        result.steps, result.final_loss = step, last_loss
         prepared.eval()
         result.eval = self.evaluate(device)
         if result.eval is not None:
             result.eval.save(self.output_dir / "eval")
         summary = {"steps": step, "final_loss": last_loss, "skipped_batches": result.skipped_batches,
+                   "processes": world,
                    "trainable_parameters": model.num_trainable_parameters(),
                    "eval": None if result.eval is None else {"macro": result.eval.macro, "micro": result.eval.micro},
                    "eval_before": None if result.eval_before is None else {"macro": result.eval_before.macro,

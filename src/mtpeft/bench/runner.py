@@ -926,9 +926,12 @@ class BenchRunner:
 
         cfg = run_config_from_dict(copy.deepcopy(spec.config))
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                               quantization=cfg.model.quantization)
         device = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        base.to(device).eval()
+        if cfg.model.quantization is None:  # a quantized model was placed on load and cannot move
+            base.to(device)
+        base.eval()
         model = FixedTaskIds(base, drop=True)
         tasks = _load_eval_examples(cfg.tasks, cfg)
         metrics = evaluate_with(model, tokenizer, tasks, cfg, self.options.progress)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..config import ConfigError, MethodSpec, register_method
 from ..layers import TaskContext
 from .lora import LoRAConfig, LoRALinear
@@ -37,6 +38,10 @@ class AlignLoRAConfig(LoRAConfig):
     mmd_bandwidths: list[float] = field(default_factory=lambda: list(MMD_BANDWIDTHS), metadata={
         "help": "Kernel bandwidths s of k(a,b) = sum_s exp(-|a-b|^2 / (2 s)) (the released code divides by 2s)."})
     eps: float = field(default=1e-8, metadata={"help": "Added to variances in the KL."})
+    variance_floor: float = field(default=0.01, metadata={
+        "help": "KL: each task's variance is at least this fraction of the batch's overall variance of the "
+                "features. Where all of a task's samples share a token at a position (a prompt template), "
+                "their variance is 0 and the bare-eps KL explodes (1e7 on a toy run). 0 = the released code."})
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +50,8 @@ class AlignLoRAConfig(LoRAConfig):
         if self.align_pooling not in ("position", "mean"):
             raise ConfigError(f"AlignLoRAConfig.align_pooling must be one of ['position', 'mean'], "
                               f"got {self.align_pooling!r}")
+        if not self.variance_floor >= 0:
+            raise ConfigError(f"AlignLoRAConfig.variance_floor must be >= 0, got {self.variance_floor!r}")
         if self.align_weight is None:
             self.align_weight = 0.2 if self.align_loss == "kl" else 0.01
 
@@ -102,13 +109,14 @@ def _mean_over_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def alignment_loss(z: torch.Tensor, task_ids: torch.Tensor, mask: torch.Tensor | None, *, kind: str = "kl",
                    pooling: str = "position", bandwidths: list[float] | None = None, eps: float = 1e-8,
-                   num_tasks: int | None = None) -> torch.Tensor:
+                   num_tasks: int | None = None, variance_floor: float = 0.0) -> torch.Tensor:
     """Mean divergence over all pairs of tasks present in the batch, computed for all pairs at once.
 
     KL: per position, a diagonal Gaussian per task (masked mean, unbiased masked variance + eps) over that task's
     samples; a position counts for a pair when both tasks have >= 2 samples there; summed over r, averaged over
-    positions. MMD: biased multi-kernel MMD^2 per position between the tasks' samples (>= 1 each). Returns 0 when
-    no pair of tasks is comparable.
+    positions; with ``variance_floor`` f > 0 each variance is clamped to at least f times the variance of all
+    valid features (per rank dimension, detached). MMD: biased multi-kernel MMD^2 per position between the
+    tasks' samples (>= 1 each). Returns 0 when no pair of tasks is comparable.
     """
     z, mask = _as_sequence(z, mask, pooling)
     num_tasks = int(num_tasks if num_tasks is not None else int(task_ids.max()) + 1)
@@ -118,6 +126,11 @@ def alignment_loss(z: torch.Tensor, task_ids: torch.Tensor, mask: torch.Tensor |
         mean = torch.einsum("tbn,bnr->tnr", weights, z) / count.clamp_min(1)[..., None]
         dev2 = (z[None] - mean[:, None]) ** 2  # (T, b, n, r)
         var = torch.einsum("tbn,tbnr->tnr", weights, dev2) / (count - 1).clamp_min(1)[..., None] + eps
+        if variance_floor > 0:
+            valid_rows = mask.reshape(-1) > 0
+            flat = z.reshape(-1, z.shape[-1])[valid_rows]
+            if flat.shape[0] >= 2:
+                var = torch.maximum(var, variance_floor * flat.detach().var(0, unbiased=True))
         ok = count >= 2
         # Positions without two samples are masked out below; a neutral variance there keeps their (discarded)
         # terms finite, so no NaN leaks into the gradient.
@@ -142,20 +155,28 @@ def alignment_loss(z: torch.Tensor, task_ids: torch.Tensor, mask: torch.Tensor |
 
 
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
-    """Alignment loss averaged over adapted modules (modules with no comparable task pair are skipped)."""
+    """Alignment loss averaged over adapted modules (modules with no comparable task pair are skipped).
+
+    Under data parallelism the features, task ids and masks of every process are gathered first (one
+    collective for all modules), so the loss compares the tasks over the whole global batch.
+    """
     cfg: AlignLoRAConfig = model.adapter_config
     ctx = model.context
-    per_module = []
-    for layer in model.adapter_layers.values():
-        z = getattr(layer, "cached_down", None)
-        if z is None:
-            continue
-        task_ids = ctx.require_task_ids(f"Align-LoRA ({layer.module_name})", z.shape[0])
-        per_module.append(alignment_loss(z, task_ids, ctx.token_mask, kind=cfg.align_loss, pooling=cfg.align_pooling,
-                                         bandwidths=cfg.mmd_bandwidths, eps=cfg.eps, num_tasks=len(cfg.tasks)))
-    if not per_module:
-        device = model.device
-        return {"align": (torch.zeros((), device=device), float(cfg.align_weight))}
+    layers = [layer for layer in model.adapter_layers.values() if getattr(layer, "cached_down", None) is not None]
+    if not layers:
+        return {"align": (torch.zeros((), device=model.device), float(cfg.align_weight))}
+    features = [layer.cached_down for layer in layers]
+    task_ids = ctx.require_task_ids(f"Align-LoRA ({layers[0].module_name})", features[0].shape[0])
+    mask = ctx.token_mask
+    if distributed.is_distributed():
+        widths = [z.shape[-1] for z in features]
+        features = list(torch.split(distributed.gather_rows(torch.cat(features, -1)), widths, -1))
+        task_ids = distributed.gather_rows(task_ids)
+        mask = None if mask is None else distributed.gather_rows(mask)
+    per_module = [alignment_loss(z, task_ids, mask, kind=cfg.align_loss, pooling=cfg.align_pooling,
+                                 bandwidths=cfg.mmd_bandwidths, eps=cfg.eps, num_tasks=len(cfg.tasks),
+                                 variance_floor=cfg.variance_floor)
+                  for z in features]
     return {"align": (torch.stack(per_module).mean(), float(cfg.align_weight))}
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..layers import LinearAdapter, TaskContext, init_down_projection
 from ..model import MergeError
@@ -82,6 +83,19 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=x.device, dtype=torch.float32)
     x = x.float()
     return x.var() / (x.mean() ** 2 + CV_EPS)
+
+
+def routing_means(layers: list[RoutedExpertsMixin]) -> list[torch.Tensor]:
+    """Each routed layer's mean routing weight per expert over the last training forward's batch; under data
+    parallelism over the global batch (token-weighted across processes, one collective for all layers)."""
+    cached = [m for m in layers if m.routing_mean is not None]
+    if not cached or not distributed.is_distributed():
+        return [m.routing_mean for m in cached]
+    means = torch.stack([m.routing_mean for m in cached])  # (L, E)
+    counts = torch.stack([torch.as_tensor(m.routing_count, dtype=means.dtype, device=means.device)
+                          for m in cached])
+    totals = distributed.all_reduce_sum(torch.cat([means * counts[:, None], counts[:, None]], 1))
+    return list((totals[:, :-1] / totals[:, -1:].clamp_min(1)).unbind(0))
 
 
 def balance_loss(means: list[torch.Tensor]) -> torch.Tensor | None:
@@ -150,14 +164,22 @@ class RoutedExpertsMixin:
 
     context: TaskContext
     routing_mean: torch.Tensor | None
+    routing_count: torch.Tensor | None = None  # the (token, group) entries that mean averaged
 
     def _cache_routing(self, pi: torch.Tensor) -> None:
         if self.context.collect:
-            self.routing_mean = mean_routing(pi, self.context.token_mask)
+            mask = self.context.token_mask
+            self.routing_mean = mean_routing(pi, mask)
+            groups = pi.shape[-2] if pi.dim() >= 2 else 1
+            if mask is not None and tuple(mask.shape) == tuple(pi.shape[:-2]):
+                self.routing_count = mask.detach().sum() * groups
+            else:
+                self.routing_count = torch.tensor(pi.numel() // pi.shape[-1])
 
     def clear_cache(self) -> None:
         """Forget the routing statistics of the last training forward."""
         self.routing_mean = None
+        self.routing_count = None
 
 
 class SharedDownRoutedMixin(RoutedExpertsMixin):
@@ -268,8 +290,7 @@ def routed_layers(model) -> list:
 
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """The CV^2 balance loss (reported always, weighted by ``balance_weight``)."""
-    means = [m.routing_mean for m in routed_layers(model) if m.routing_mean is not None]
-    value = balance_loss(means)
+    value = balance_loss(routing_means(routed_layers(model)))
     if value is None:
         return {}
     return {"balance": (value, float(model.adapter_config.balance_weight))}

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 from ..model import MergeError
-from .hydralora import RoutedExpertsMixin, balance_loss, routed_layers
+from .hydralora import RoutedExpertsMixin, balance_loss, routed_layers, routing_means
 
 GATINGS = ("task", "token")
 
@@ -200,7 +200,7 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """Token gating: the CV^2 load-balance loss; task gating has no auxiliary loss."""
     if model.adapter_config.gating != "token":
         return {}
-    value = balance_loss([m.routing_mean for m in routed_layers(model) if m.routing_mean is not None])
+    value = balance_loss(routing_means(routed_layers(model)))
     return {} if value is None else {"balance": (value, float(model.adapter_config.balance_weight))}
 
 

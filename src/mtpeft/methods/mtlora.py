@@ -71,6 +71,7 @@ from .hydralora import (
     balance_loss,
     routed_layers,
     routing_groups,
+    routing_means,
     spectral_paper,
     spectral_released,
 )
@@ -408,7 +409,7 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """Balance loss (every step) and the spectral term (at trigger steps; 0 otherwise)."""
     cfg: MtLoRAConfig = model.adapter_config
     out: dict[str, tuple[torch.Tensor, float]] = {}
-    value = balance_loss([m.routing_mean for m in routed_layers(model) if m.routing_mean is not None])
+    value = balance_loss(routing_means(routed_layers(model)))
     if value is not None:
         out["balance"] = (value, float(cfg.balance_weight))
     if cfg.spectral_mode != "off":

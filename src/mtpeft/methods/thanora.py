@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 
@@ -207,56 +208,75 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     return {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}
 
 
-def _task_batches(batches: list[dict[str, Any]], task: int, device: torch.device, keys: tuple[str, ...]):
-    """The rows of each batch that belong to ``task``: (sub-batch on ``device`` restricted to ``keys``, task ids)."""
-    for batch in batches:
+def _task_batches(batches: list[tuple[int, dict[str, Any]]], task: int, device: torch.device,
+                  keys: tuple[str, ...]):
+    """For each ``(index, batch)`` with rows of ``task``: (index, sub-batch on ``device`` restricted to ``keys``,
+    task ids)."""
+    for index, batch in batches:
         rows = batch["task_ids"].reshape(-1).cpu() == task
         if not rows.any():
             continue
         missing = [k for k in keys if k not in batch]
         if missing:
             raise ValueError(f"ThanoRA calibration batches need {missing} (complexity='gradients' needs labels)")
-        yield {k: batch[k][rows.to(batch[k].device)].to(device) for k in keys}, batch["task_ids"][rows]
+        yield index, {k: batch[k][rows.to(batch[k].device)].to(device) for k in keys}, batch["task_ids"][rows]
+
+
+def _in_batch_order(chunks: dict[int, torch.Tensor], width: int, device: torch.device) -> torch.Tensor | None:
+    """Every process's activation chunks, keyed by global batch index, concatenated in batch order (what one
+    process holding all the batches would have); the local chunks in a single process."""
+    if not distributed.is_distributed():
+        return torch.cat([chunks[i] for i in sorted(chunks)], 0) if chunks else None
+    order = sorted(chunks)
+    local = torch.cat([chunks[i] for i in order], 0) if order else torch.zeros(0, width)
+    meta = torch.tensor([[i, chunks[i].shape[0]] for i in order], dtype=torch.long).reshape(-1, 2)
+    rows = distributed.gather_rows(local.to(device)).cpu()
+    index = distributed.gather_rows(meta.to(device)).cpu()
+    pieces, start = {}, 0
+    for i, n in index.tolist():
+        pieces[i] = rows[start:start + n]
+        start += n
+    return torch.cat([pieces[i] for i in sorted(pieces)], 0) if pieces else None
 
 
 @torch.no_grad()
-def _collect_activations(model, layers: dict[str, ThanoRALinear], batches: list[dict], task: int,
+def _collect_activations(model, layers: dict[str, ThanoRALinear], batches: list[tuple[int, dict]], task: int,
                          max_tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    mask_holder: dict[str, torch.Tensor | None] = {"mask": None}
+    store: dict[str, dict[int, torch.Tensor]] = {n: {} for n in layers}
+    current: dict[str, Any] = {"mask": None, "index": -1}
     hooks = []
 
     def make_hook(name: str):
         def hook(module, args):
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
-            m = mask_holder["mask"]
+            m = current["mask"]
             if m is not None and x.dim() == 3 and m.shape == x.shape[:2]:
                 flat = flat[m.reshape(-1).bool()]
-            store[name].append(flat.detach().float().cpu())
+            store[name][current["index"]] = flat.detach().float().cpu()
         return hook
 
     for name, layer in layers.items():
         hooks.append(layer.register_forward_pre_hook(make_hook(name)))
     try:
-        for inputs, task_ids in _task_batches(batches, task, model.device, ("input_ids", "attention_mask")):
-            mask_holder["mask"] = inputs["attention_mask"]
+        for index, inputs, task_ids in _task_batches(batches, task, model.device, ("input_ids", "attention_mask")):
+            current["mask"], current["index"] = inputs["attention_mask"], index
             model(**inputs, task_ids=task_ids)
     finally:
         for h in hooks:
             h.remove()
     out = {}
     for name, chunks in store.items():
-        if not chunks:
+        x = _in_batch_order(chunks, layers[name].in_features, model.device)
+        if x is None:
             continue
-        x = torch.cat(chunks, 0)
         if x.shape[0] > max_tokens:
             x = x[torch.randperm(x.shape[0], generator=generator)[:max_tokens]]
         out[name] = x
     return out
 
 
-def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[dict],
+def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[tuple[int, dict]],
                        task: int) -> dict[str, torch.Tensor]:
     grads: dict[str, torch.Tensor] = {}
     hooks = []
@@ -276,7 +296,7 @@ def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[di
         hooks.append(layer.register_forward_hook(make_hook(name)))
     try:
         keys = ("input_ids", "attention_mask", "labels")
-        for inputs, _ in _task_batches(batches, task, model.device, keys):
+        for _, inputs, _ in _task_batches(batches, task, model.device, keys):
             with torch.enable_grad():
                 out = model.base_model(**inputs)
                 out.loss.backward()
@@ -284,6 +304,10 @@ def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[di
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
+    if distributed.is_distributed():  # each process saw some of the batches: sum their gradients
+        grads = {name: distributed.all_reduce_sum(
+            grads.get(name, torch.zeros(layer.out_features, layer.in_features, device=model.device)))
+            for name, layer in layers.items()}
     return grads
 
 
@@ -310,11 +334,13 @@ def calibrate(model, batches: Iterable[dict[str, Any]], *, seed: int = 0) -> dic
     if missing:
         raise ValueError(f"ThanoRA calibration batches have no samples of tasks {missing}")
     max_rank = cfg.r
+    # Under data parallelism each process runs whole batches, round robin, and the statistics are gathered.
+    mine = distributed.split_round_robin(list(enumerate(batches)), distributed.rank(), distributed.world_size())
     for t in range(len(cfg.tasks)):
         if cfg.complexity == "activations":
-            stats = _collect_activations(model, layers, batches, t, cfg.calibration_tokens, generator)
+            stats = _collect_activations(model, layers, mine, t, cfg.calibration_tokens, generator)
         else:
-            stats = _collect_gradients(model, layers, batches, t)
+            stats = _collect_gradients(model, layers, mine, t)
         for name, m in stats.items():
             _, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
             entropies[name][t] = normalized_sv_entropy(s)
