@@ -6,6 +6,10 @@ Prints a table and writes JSON + Markdown with tokens/s, peak memory and the rat
     python benchmarks/throughput.py --device cuda --compile --out benchmarks/results/throughput-h100
     python benchmarks/throughput.py --device cpu --out benchmarks/results/throughput-cpu
     python benchmarks/throughput.py --smoke        # a seconds-long correctness run (what CI does)
+
+Besides the full-label rows (every position carries a label, as in pre-training), LoRA is also timed on
+prompt-masked supervised fine-tuning batches (``--label-fraction``, default 0.5: the first half of every
+sequence is prompt with label -100), the same masked labels for PEFT and mtpeft, in a table of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import resource
 import sys
@@ -86,23 +91,36 @@ def time_steps(step, args) -> float:
     return (time.perf_counter() - t) / args.steps
 
 
-def train_row(label: str, model, args, task_ids=None) -> dict:
-    """tokens/s and peak memory of forward+backward+AdamW on one fixed batch."""
+def batch_labels(x: torch.Tensor, label_fraction: float) -> torch.Tensor:
+    """Labels for ``x``: all positions, or a masked prompt (-100) followed by ``label_fraction`` of the positions."""
+    labels = x.clone()
+    labels[:, :x.shape[1] - round(x.shape[1] * label_fraction)] = -100
+    return labels
+
+
+def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.0) -> dict:
+    """tokens/s and peak memory of forward+backward+AdamW on one fixed batch (tokens/s counts every input
+    token, labelled or not)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")
+    torch.manual_seed(1)
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+    labels = batch_labels(x, label_fraction)
     kwargs = {} if task_ids is None else {"task_ids": task_ids}
     reset_memory(args.device)
 
     def step():
-        out = model(input_ids=x, labels=x, **kwargs)
+        out = model(input_ids=x, labels=labels, **kwargs)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     dt = time_steps(step, args)
-    row = {"kind": "train", "label": label, "tokens_per_s": args.batch * args.seq / dt, "step_ms": dt * 1e3,
+    row = {"kind": "train" if label_fraction == 1 else "train_masked", "label": label,
+           "tokens_per_s": args.batch * args.seq / dt, "step_ms": dt * 1e3,
            "peak_mem_gib": peak_memory(args.device), "trainable": sum(p.numel() for p in params)}
+    if label_fraction != 1:
+        row["label_fraction"] = label_fraction
     print(json.dumps(row), flush=True)
     return row
 
@@ -119,22 +137,31 @@ def mt_model(args, method: str, tasks: int = 8, **extra):
     return model
 
 
-def training_rows(args) -> list[dict]:
+def lora_rows(args, label_fraction: float = 1.0) -> list[dict]:
+    """PEFT LoRA and mtpeft LoRA (eager, compiled) on the same batch and labels."""
     from peft import LoraConfig, get_peft_model
 
     rows = []
+    suffix = "" if label_fraction == 1 else "_masked"
     if not args.skip_peft:
         peft_model = get_peft_model(base_model(args), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                                  target_modules=PROJECTIONS, lora_dropout=0.0))
-        rows.append(train_row("peft_lora", peft_model, args))
+        rows.append(train_row(f"peft_lora{suffix}", peft_model, args, label_fraction=label_fraction))
         del peft_model
     eager = mt_model(args, "lora", tasks=1)
-    rows.append(train_row("mtpeft_lora", eager, args))
+    rows.append(train_row(f"mtpeft_lora{suffix}", eager, args, label_fraction=label_fraction))
     del eager
     if args.compile:
         compiled = mt_model(args, "lora", tasks=1).compile()
-        rows.append(train_row("mtpeft_lora_compiled", compiled, args))
+        rows.append(train_row(f"mtpeft_lora_compiled{suffix}", compiled, args, label_fraction=label_fraction))
         del compiled
+    return rows
+
+
+def training_rows(args) -> list[dict]:
+    rows = lora_rows(args)
+    if 0 < args.label_fraction < 1:
+        rows += lora_rows(args, args.label_fraction)
     suffix = "_compiled" if args.compile else ""
     for method, extra in [("align_lora", {}), ("thanora", {}), ("mtl_lora", {}),
                           ("hydralora", {"num_experts": 8}), ("moe_lora", {"num_experts": 4}),
@@ -196,18 +223,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['mtpeft']}; dtype {meta['dtype']}, batch {meta['batch']} x seq {meta['seq']} (inference seq "
              f"{meta['infer_seq']}), rank {meta['rank']} on all seven projections, {meta['steps']} timed steps "
              f"after {meta['warmup']} warm-up.", ""]
-    for kind, ref_label in (("train", "peft_lora"), ("inference", "peft_adapter_names_mixed")):
+    fraction = next((r["label_fraction"] for r in rows if "label_fraction" in r), None)
+    sections = [("train", "peft_lora", "train", ""),
+                ("train_masked", "peft_lora_masked", f"train, prompt-masked SFT (labels on the last "
+                 f"{round(100 * (fraction or 0))}% of positions)",
+                 "Every row gets the same labels; PEFT computes logits at every position (the model's own "
+                 "loss), mtpeft's label-only loss head at labelled positions only. tokens/s counts all input "
+                 "tokens."),
+                ("inference", "peft_adapter_names_mixed", "inference", "")]
+    for kind, ref_label, title, note in sections:
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
             continue
         ref = next((r for r in sel if r["label"] == ref_label), None)
-        lora = next((r for r in sel if r["label"] == "mtpeft_lora_compiled"), None) or \
-            next((r for r in sel if r["label"] == "mtpeft_lora"), None)
-        lines += [f"## {kind}", "", "| row | tokens/s | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |",
-                  "|---|---|---|---|---|---|"]
+        suffix = "_masked" if kind == "train_masked" else ""
+        lora = next((r for r in sel if r["label"] == f"mtpeft_lora_compiled{suffix}"), None) or \
+            next((r for r in sel if r["label"] == f"mtpeft_lora{suffix}"), None)
+        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+        lines += ["| row | tokens/s | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |", "|---|---|---|---|---|---|"]
         for r in sel:
             x_peft = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
-            x_lora = f"{r['tokens_per_s'] / lora['tokens_per_s']:.2f}" if lora and kind == "train" else "-"
+            x_lora = f"{r['tokens_per_s'] / lora['tokens_per_s']:.2f}" if lora and kind != "inference" else "-"
             mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
             x_mem = (f"{r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}" if ref and "peak_mem_gib" in r
                      and "peak_mem_gib" in ref else "-")
@@ -215,6 +251,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append("")
     if meta["device"] == "cpu":
         lines.append("CPU peak memory is the process's peak RSS so far (monotone over rows), not per row.")
+        lines += ["", "CPU timings depend on the allocator: glibc malloc serves each block over 32 MiB "
+                  "(batch x seq x vocab fp32 logits: PEFT here) by a fresh mmap whose pages fault on first touch, "
+                  f"every step. Allocator environment of this run: {meta.get('allocator_env') or 'the defaults'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +269,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loss-chunk", type=int, default=4096, help="label-only chunked loss (0: model's loss)")
+    parser.add_argument("--label-fraction", type=float, default=0.5,
+                        help="also time LoRA on prompt-masked batches with labels on this last fraction of the "
+                             "positions (1: full-label rows only)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the mtpeft rows")
     parser.add_argument("--methods", default="", help="comma-separated subset of the multi-task methods")
     parser.add_argument("--skip-peft", action="store_true")
@@ -257,7 +299,8 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "mtpeft": mtpeft.__version__, "dtype": str(args.dtype).replace("torch.", ""), "batch": args.batch,
             "seq": args.seq, "infer_seq": args.infer_seq, "rank": args.rank, "steps": args.steps,
-            "warmup": args.warmup, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+            "warmup": args.warmup, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     print(json.dumps(meta), flush=True)
     rows = training_rows(args)
     if not args.no_inference:

@@ -34,7 +34,11 @@ def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_equals_plain_loss_and_gradients(chunk, bias):
+@pytest.mark.parametrize("cpu_block_cap", [False, True])
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(chunk, bias, cpu_block_cap, monkeypatch):
+    if cpu_block_cap:  # blocks of 200 // 40 = 5 rows whatever the chunk
+        monkeypatch.setattr("mtpeft.model._CPU_BLOCK_ELEMENTS", 200)
+        monkeypatch.setattr("mtpeft.model._CPU_MIN_BLOCK_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)
@@ -104,3 +108,29 @@ def test_adapter_forward_traces_without_graph_breaks(method):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_chunked_loss_with_a_head_that_is_not_a_dense_linear_uses_its_forward():
+    class Head(torch.nn.Module):  # stands in for a quantized head: not an nn.Linear with a float weight
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h)
+
+    base = tiny_model()
+    base.lm_head = Head(base.lm_head)
+    model = mtpeft.get_mt_model(base, mtpeft.config_from_dict({"method": "lora", "tasks": TASKS, "r": 4}))
+    perturb_adapters(model)
+    ids, mask, labels = tiny_batch(batch=4, seq=9)
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+    plain.loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk_size = 4
+    fast = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    fast.loss.backward()
+    for name, p in model.trainable_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-5, rtol=1e-5)

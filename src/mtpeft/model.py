@@ -311,7 +311,10 @@ class MTModel(nn.Module):
         keep = targets != -100
         hidden, targets = hidden[keep], targets[keep]
         head = self.base_model.get_output_embeddings()
-        total = linear_cross_entropy(hidden, head.weight, getattr(head, "bias", None), targets, self.loss_chunk_size)
+        if isinstance(head, nn.Linear) and head.weight.dtype.is_floating_point:
+            total = linear_cross_entropy(hidden, head.weight, head.bias, targets, self.loss_chunk_size)
+        else:  # a head that is not a plain dense linear (a quantized one): its own forward, in one block
+            total = nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
         # ``num_items_in_batch`` (the transformers convention) replaces the local label count, e.g. by the
         # global count over the data-parallel processes divided by their number.
         denominator = num_items if num_items is not None else max(int(keep.sum()), 1)
@@ -518,6 +521,14 @@ class MTModel(nn.Module):
         return export_peft(self, path, task=task, rank=rank, calibration=calibration)
 
 
+# On CPU a block's (rows, vocab) fp32 logits stay under 16 MiB where the vocabulary allows: glibc malloc serves
+# blocks of up to 32 MiB from its heap and reuses them, while each larger one is a fresh mmap whose pages fault
+# and are zeroed on first touch (measured: 1016 x 8192 logits in one block made a tiny-Llama training step ~6%
+# slower than blocks of 512 rows). At least 64 rows per block, so that each pass over the head weight is shared.
+_CPU_BLOCK_ELEMENTS = 1 << 22
+_CPU_MIN_BLOCK_ROWS = 64
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias`` whose gradients are computed in the forward pass.
 
@@ -536,6 +547,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        if hidden.device.type == "cpu":  # see _CPU_BLOCK_ELEMENTS
+            chunk = min(chunk, max(_CPU_MIN_BLOCK_ROWS, _CPU_BLOCK_ELEMENTS // weight.shape[0]))
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
             log_probs = torch.log_softmax(nn.functional.linear(h, weight, bias).float(), dim=-1)
@@ -543,6 +556,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not need_any:
                 continue
             dlogits = log_probs.exp_()  # softmax - onehot: d(summed loss) / d logits
+            del log_probs
             dlogits[torch.arange(y.shape[0], device=y.device), y] -= 1
             dlogits = dlogits.to(hidden.dtype)
             if need_h:
@@ -551,6 +565,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += (dlogits.t() @ h).float()
             if need_b:
                 grad_b += dlogits.float().sum(0)
+            del dlogits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

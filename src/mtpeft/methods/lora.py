@@ -40,12 +40,15 @@ class LoRALinear(LinearAdapter):
         if self.merged:
             return out
         z = self.down(x)
-        # One addmm adds s * z B^T into the base output without a separate delta tensor (lean LoRA). B^T is
-        # made a contiguous (r, d_out) matrix (a copy of r * d_out values): then both backward matmuls,
-        # dB^T = z^T dy and dz = dy B, read row-major operands, which BLAS runs 2-4x faster for rank-r shapes
-        # than the transposed ones autograd picks for B^T as a view.
-        fused = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]).to(out.dtype),
-                            self.lora_B.t().to(out.dtype).contiguous(), alpha=self.scale)
+        b_t = self.lora_B.t().to(out.dtype)
+        if out.device.type == "cpu":
+            # A contiguous (r, d_out) copy of B^T (r * d_out values): both backward matmuls, dB^T = z^T dy and
+            # dz = dy B, then read row-major operands, which MKL runs 2-4x faster for rank-r shapes than the
+            # transposed ones autograd picks for a view (measured: -3% tiny-Llama training step time on CPU).
+            b_t = b_t.contiguous()
+        # One addmm adds s * z B^T into the base output without a separate delta tensor (lean LoRA).
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]).to(out.dtype), b_t,
+                            alpha=self.scale)
         return fused.view(out.shape)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
