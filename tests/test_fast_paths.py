@@ -10,6 +10,22 @@ import mtpeft
 from mtpeft.model import linear_cross_entropy
 
 
+def assert_chunked_loss_matches_model_loss(model, chunk: int, grad_atol: float, **inputs) -> None:
+    """The label-only chunked loss (``chunk`` rows per block) gives the model's own loss and the same gradients
+    on every trainable parameter."""
+    plain = model(**inputs)
+    plain.loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk_size = chunk
+    fast = model(**inputs)
+    assert fast.logits is None
+    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    fast.loss.backward()
+    for name, p in model.trainable_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=grad_atol, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("method", ["lora", "mtl_lora", "hydralora"])
 def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
@@ -18,18 +34,8 @@ def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
     model.eval()  # no dropout: both paths see the same function
     ids, mask, labels = tiny_batch(batch=4, seq=9)
     labels[:, :4] = -100  # prompt tokens carry no loss
-    tid = torch.tensor([0, 1, 2, 0])
-    plain = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=tid)
-    plain.loss.backward()
-    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.loss_chunk_size = 3
-    fast = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=tid)
-    assert fast.logits is None
-    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
-    fast.loss.backward()
-    for name, p in model.trainable_parameters():
-        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-6, rtol=1e-5)
+    assert_chunked_loss_matches_model_loss(model, 3, 1e-6, input_ids=ids, attention_mask=mask, labels=labels,
+                                           task_ids=torch.tensor([0, 1, 2, 0]))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
@@ -66,16 +72,7 @@ def test_chunked_loss_with_a_trainable_head_equals_model_loss_gradients():
     ids, mask, labels = tiny_batch(batch=4, seq=9)
     labels[:, :3] = -100
     assert model.base_model.get_output_embeddings().weight.requires_grad
-    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
-    plain.loss.backward()
-    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.loss_chunk_size = 4
-    fast = model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
-    fast.loss.backward()
-    for name, p in model.trainable_parameters():
-        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-5, rtol=1e-5)
+    assert_chunked_loss_matches_model_loss(model, 4, 1e-5, input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def test_fused_lora_forward_equals_plain_formula():
@@ -124,13 +121,4 @@ def test_chunked_loss_with_a_head_that_is_not_a_dense_linear_uses_its_forward():
     model = mtpeft.get_mt_model(base, mtpeft.config_from_dict({"method": "lora", "tasks": TASKS, "r": 4}))
     perturb_adapters(model)
     ids, mask, labels = tiny_batch(batch=4, seq=9)
-    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
-    plain.loss.backward()
-    plain_grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.loss_chunk_size = 4
-    fast = model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(fast.loss, plain.loss, atol=1e-6, rtol=1e-6)
-    fast.loss.backward()
-    for name, p in model.trainable_parameters():
-        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-5, rtol=1e-5)
+    assert_chunked_loss_matches_model_loss(model, 4, 1e-5, input_ids=ids, attention_mask=mask, labels=labels)

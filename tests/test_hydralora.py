@@ -10,7 +10,7 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.methods.hydralora import HydraLoRALinear, cv_squared, mean_routing, routed_up
+from mtpeft.methods.hydralora import HydraLoRALinear, cv_squared, routed_up, routing_statistics
 
 
 def make(arch: str = "llama", **overrides):
@@ -66,11 +66,13 @@ def test_cv_squared_and_masked_mean_routing_match_numpy():
     pi = np_softmax(rng.normal(size=(3, 4, 2, 5)))  # batch, tokens, groups, experts
     mask = np.ones((3, 4))
     mask[2, 1:] = 0
-    got = cv_squared(mean_routing(torch.tensor(pi), torch.tensor(mask)))
+    mean, count = routing_statistics(torch.tensor(pi), torch.tensor(mask))
+    got = cv_squared(mean)
     valid = pi[mask.astype(bool)]  # (tokens, groups, experts)
     means = valid.reshape(-1, 5).mean(0)
     expected = means.var(ddof=1) / (means.mean() ** 2 + 1e-10)
     assert abs(float(got) - expected) < 1e-6
+    assert int(count) == valid.reshape(-1, 5).shape[0]  # (token, group) entries averaged
     assert float(cv_squared(torch.ones(1))) == 0.0
 
 

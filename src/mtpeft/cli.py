@@ -15,7 +15,7 @@ SET_HELP = "Override a run-config key, e.g. --set train.lr=1e-4 --set method.r=1
 def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
     """The run config, tokenizer and trained MTModel of a finished run folder."""
     from .model import MTModel
-    from .models import load_base_model, load_tokenizer
+    from .models import load_run_base_model, load_tokenizer
     from .runconfig import load_run_config
 
     run = Path(run_dir)
@@ -33,8 +33,7 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
         adapter = ckpts[-1] / "adapter"
         print(f"note: no final adapter; using the latest checkpoint {adapter}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                           quantization=cfg.model.quantization)
+    base = load_run_base_model(cfg.model)
     return cfg, tokenizer, MTModel.from_pretrained(base, adapter)
 
 

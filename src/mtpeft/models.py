@@ -87,6 +87,14 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     return tokenizer
 
 
+def load_run_base_model(model_section: Any) -> Any:
+    """The base model a run config's ``model`` section names, loaded with its dtype, remote-code and
+    quantization settings (the one place these settings become a model)."""
+    return load_base_model(model_section.name, dtype=model_section.dtype,
+                           trust_remote_code=model_section.trust_remote_code,
+                           quantization=model_section.quantization)
+
+
 def quantization_config(quantization: str, dtype: torch.dtype | str) -> Any:
     """A transformers ``BitsAndBytesConfig`` for '4bit' (NF4, double quantization: QLoRA) or '8bit'."""
     try:

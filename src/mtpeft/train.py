@@ -265,7 +265,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, model: MTModel | None = None, tokenizer: Any = None,
                  tasks: list[tuple[TaskSpec, TaskData]] | None = None, progress: bool = True,
                  base_model: Any = None) -> None:
-        from .models import load_base_model, load_tokenizer
+        from .models import load_run_base_model, load_tokenizer
 
         self.cfg = cfg
         self.progress = progress
@@ -278,9 +278,7 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         if model is None:
-            base = base_model if base_model is not None else load_base_model(
-                cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                quantization=cfg.model.quantization)
+            base = base_model if base_model is not None else load_run_base_model(cfg.model)
             model = get_mt_model(base, method_cfg)
         self.model = model
         self.model.loss_chunk_size = cfg.train.loss_chunk_size
@@ -365,10 +363,11 @@ class Trainer:
             if main:
                 self._log(path, record)
 
-        def save(state) -> Path:
+        def save(state, barrier: bool = True) -> Path:
             path = self._save(step, model, optimizer, scheduler, state) if main else checkpoint_path(
                 self.output_dir, step)
-            accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint it may resume from
+            if barrier:  # no process runs ahead of a checkpoint it may resume from
+                accelerator.wait_for_everyone()
             return path
 
         log_path = self.output_dir / "metrics.jsonl"
@@ -402,8 +401,9 @@ class Trainer:
                         # count over the number of processes, and the gradient average restores the mean.
                         labelled = (batch["labels"][:, 1:] != -100).sum().float()
                         extra["num_items_in_batch"] = accelerator.reduce(labelled, "sum") / world
-                    sync = contextlib.nullcontext() if micro == cfg.train.grad_accum - 1 or world == 1 \
-                        else accelerator.no_sync(prepared)
+                    # gradients are all-reduced once per step, after the last micro-batch (a no-op in one process)
+                    sync = accelerator.no_sync(prepared) if micro < cfg.train.grad_accum - 1 \
+                        else contextlib.nullcontext()
                     with sync:
                         out = prepared(**batch, **extra)
                         loss = out.loss
@@ -432,7 +432,7 @@ class Trainer:
                         result.skipped_batches += 1
                         consecutive_skips += 1
                         log(log_path, {"step": step + 1, "skipped": True,
-                                             "reason": f"non-finite {what}", "tasks": bad[1]})
+                                       "reason": f"non-finite {what}", "tasks": bad[1]})
                         if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                             raise TrainingError(
                                 f"{consecutive_skips} batches in a row had a non-finite loss or gradient "
@@ -476,8 +476,7 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             # no barrier here: a process the signal missed may be blocked in a collective
-            path = self._save(step, model, optimizer, scheduler, step_state) if main else checkpoint_path(
-                self.output_dir, step)
+            path = save(step_state, barrier=False)
             raise TrainingError(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume") \
                 from None
         bar.close()

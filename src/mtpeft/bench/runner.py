@@ -922,12 +922,11 @@ class BenchRunner:
         }
 
     def _untrained(self, spec: RunSpec) -> dict[str, Any]:
-        from ..models import load_base_model, load_tokenizer
+        from ..models import load_run_base_model, load_tokenizer
 
         cfg = run_config_from_dict(copy.deepcopy(spec.config))
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        base = load_base_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                               quantization=cfg.model.quantization)
+        base = load_run_base_model(cfg.model)
         device = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if cfg.model.quantization is None:  # a quantized model was placed on load and cannot move
             base.to(device)

@@ -68,13 +68,17 @@ def routed_up(z: torch.Tensor, pi: torch.Tensor, lora_B: torch.Tensor) -> torch.
     return torch.einsum("...gk,gok->...go", w, b).flatten(-2)
 
 
-def mean_routing(pi: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean routing weight per expert (E,) over batch, tokens and groups; padding (mask == 0) is left out."""
+def routing_statistics(pi: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean routing weight per expert (E,) over batch, tokens and groups, padding (mask == 0) left out, and the
+    number of (token, group) entries it averages (a scalar: the weight of this mean across processes)."""
     experts = pi.shape[-1]
     if mask is not None and tuple(mask.shape) == tuple(pi.shape[:-2]):
         w = mask.to(pi.dtype)[..., None, None].expand_as(pi)
-        return (pi * w).reshape(-1, experts).sum(0) / w.reshape(-1, experts).sum(0).clamp_min(1)
-    return pi.reshape(-1, experts).mean(0)
+        count = w.reshape(-1, experts).sum(0)  # the same for every expert
+        return (pi * w).reshape(-1, experts).sum(0) / count.clamp_min(1), count[0]
+    flat = pi.reshape(-1, experts)
+    return flat.mean(0), torch.tensor(flat.shape[0])
+
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +87,17 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=x.device, dtype=torch.float32)
     x = x.float()
     return x.var() / (x.mean() ** 2 + CV_EPS)
+
+
+def check_expert_options(config: AdapterConfig) -> None:
+    """The routed methods' shared option checks: ``num_experts`` a positive integer and, where the config has
+    one, ``routing_group_size`` None or a positive integer."""
+    name = type(config).__name__
+    if not isinstance(config.num_experts, int) or config.num_experts < 1:
+        raise ConfigError(f"{name}.num_experts must be a positive integer, got {config.num_experts!r}")
+    size = getattr(config, "routing_group_size", None)
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ConfigError(f"{name}.routing_group_size must be None or a positive integer, got {size!r}")
 
 
 def routing_means(layers: list[RoutedExpertsMixin]) -> list[torch.Tensor]:
@@ -168,13 +183,7 @@ class RoutedExpertsMixin:
 
     def _cache_routing(self, pi: torch.Tensor) -> None:
         if self.context.collect:
-            mask = self.context.token_mask
-            self.routing_mean = mean_routing(pi, mask)
-            groups = pi.shape[-2] if pi.dim() >= 2 else 1
-            if mask is not None and tuple(mask.shape) == tuple(pi.shape[:-2]):
-                self.routing_count = mask.detach().sum() * groups
-            else:
-                self.routing_count = torch.tensor(pi.numel() // pi.shape[-1])
+            self.routing_mean, self.routing_count = routing_statistics(pi, self.context.token_mask)
 
     def clear_cache(self) -> None:
         """Forget the routing statistics of the last training forward."""
@@ -226,12 +235,7 @@ class HydraLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ConfigError(f"{name}.num_experts must be a positive integer, got {self.num_experts!r}")
-        if self.routing_group_size is not None and (not isinstance(self.routing_group_size, int)
-                                                    or self.routing_group_size < 1):
-            raise ConfigError(f"{name}.routing_group_size must be None or a positive integer, "
-                              f"got {self.routing_group_size!r}")
+        check_expert_options(self)
         if not self.balance_weight >= 0:
             raise ConfigError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}")
 

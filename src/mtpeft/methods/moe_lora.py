@@ -33,7 +33,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 from ..model import MergeError
-from .hydralora import RoutedExpertsMixin, balance_loss, routed_layers, routing_means
+from .hydralora import RoutedExpertsMixin, balance_loss, check_expert_options, routed_layers, routing_means
 
 GATINGS = ("task", "token")
 
@@ -63,8 +63,7 @@ class MoELoRAConfig(AdapterConfig):
         name = type(self).__name__
         if self.gating not in GATINGS:
             raise ConfigError(f"{name}.gating must be one of {list(GATINGS)}, got {self.gating!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ConfigError(f"{name}.num_experts must be a positive integer, got {self.num_experts!r}")
+        check_expert_options(self)
         if self.num_experts > self.r:
             raise ConfigError(f"{name}.num_experts ({self.num_experts}) must be <= r ({self.r}): every "
                               f"expert needs rank >= 1")

@@ -69,6 +69,7 @@ from .hydralora import (
     HydraLoRALinear,
     SharedDownRoutedMixin,
     balance_loss,
+    check_expert_options,
     routed_layers,
     routing_groups,
     routing_means,
@@ -253,12 +254,7 @@ class MtLoRAConfig(AdapterConfig):
         if self.spectral_mode not in SPECTRAL_MODES:
             raise ConfigError(f"{name}.spectral_mode must be one of {list(SPECTRAL_MODES)}, "
                               f"got {self.spectral_mode!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ConfigError(f"{name}.num_experts must be a positive integer, got {self.num_experts!r}")
-        if self.routing_group_size is not None and (not isinstance(self.routing_group_size, int)
-                                                    or self.routing_group_size < 1):
-            raise ConfigError(f"{name}.routing_group_size must be None or a positive integer, "
-                              f"got {self.routing_group_size!r}")
+        check_expert_options(self)
         every = self.spectral_every
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ConfigError(f"{name}.spectral_every must be None or a positive integer, "
