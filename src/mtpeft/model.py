@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig, ConfigError, config_from_dict, get_method
+from .engines import fsdp_root_unsharded
 from .layers import LinearAdapter, TaskContext, dense_weight, find_target_linears, is_quantized, set_submodule
 
 CONFIG_NAME = "mtpeft_config.json"
@@ -339,7 +340,8 @@ class MTModel(nn.Module):
             expand = int(kwargs.get("num_beams", 1) or 1) * int(kwargs.get("num_return_sequences", 1) or 1)
             ids = ids.repeat_interleave(expand)
         self._set_context(ids, None, False)
-        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with fsdp_root_unsharded(self):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # --- method hooks ---------------------------------------------------------------------------------
     def calibrate(self, batches: Iterable[dict[str, Any]], **kwargs: Any) -> Any:
@@ -373,9 +375,14 @@ class MTModel(nn.Module):
                 state[f"{name}.{key}"] = value
         return state
 
-    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-        """Save the adapter (safetensors) and its config atomically into folder ``path``."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the adapter (safetensors) and its config atomically into folder ``path``.
+
+        ``state_dict`` replaces the model's own adapter tensors, e.g. whole tensors gathered from a sharded run.
+        """
+        source = self.adapter_state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         for key, value in state.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"refusing to save a non-finite adapter: {key} has NaN or inf values")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
+from . import distributed, engines
 from .data.collator import MultiTaskCollator
 from .data.mixing import MixtureSampler
 from .data.tasks import Example, TaskData, TaskSpec, load_task
@@ -162,16 +162,21 @@ def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, optimizer: torch.optim.Optimizer,
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, optimizer_state: dict[str, Any],
                     scheduler: Any, sampler_state: dict[str, Any], rng: tuple[dict, dict],
-                    extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step-N`` atomically (adapter, optimizer, scheduler, RNG, data position)."""
+                    extra: dict[str, Any], keep: int = 2,
+                    adapter_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``step-N`` atomically (adapter, optimizer, scheduler, RNG, data position).
+
+    ``optimizer_state`` is an ``Optimizer.state_dict()`` with whole tensors and ``adapter_state`` the whole
+    adapter tensors (default: the model's own); :mod:`mtpeft.engines` gathers both from sharded runs.
+    """
     target = checkpoint_path(output_dir, step)
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
     rng_tensors, rng_meta = rng
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(),
@@ -297,7 +302,7 @@ class Trainer:
     def eval_sets(self) -> list[tuple[TaskSpec, list[Example]]]:
         return [(spec, data.eval) for spec, data in self.tasks if data.eval]
 
-    def evaluate(self, device: torch.device | None = None) -> Any:
+    def evaluate(self, device: torch.device | None = None, progress: bool | None = None) -> Any:
         """Per-task evaluation of the current model on every task's eval split."""
         from .evaluate import evaluate
 
@@ -305,7 +310,8 @@ class Trainer:
         if not sets:
             return None
         return evaluate(self.model, self.tokenizer, sets, self.task_names, batch_size=self.cfg.eval.batch_size,
-                        max_new_tokens=self.cfg.eval.max_new_tokens, device=device, progress=self.progress)
+                        max_new_tokens=self.cfg.eval.max_new_tokens, device=device,
+                        progress=self.progress if progress is None else progress)
 
     def train(self, resume: bool = False) -> TrainResult:
         """Run the loop; with ``resume`` continue from the latest complete checkpoint in the output folder."""
@@ -320,17 +326,22 @@ class Trainer:
         accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu,
                                   kwargs_handlers=[ddp])
         device = accelerator.device
-        engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-        if engine in ("FSDP", "DEEPSPEED"):
-            # Both shard parameters or optimizer state across processes; checkpoints here are written from
-            # whole tensors by one process, so a sharded run would save and resume a fraction of the state.
-            raise TrainingError(f"accelerate's {engine} engine is not supported by mtpeft train yet: use data "
-                                f"parallelism (examples/accelerate/ddp.yaml or multi_node.yaml), and "
-                                f"model.quantization=4bit when the base does not fit one GPU")
+        try:
+            engine = engines.engine_of(accelerator)
+        except engines.EngineError as exc:
+            raise TrainingError(str(exc)) from None
         world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
         if world > 1 and cfg.train.batch_size < world:
             raise TrainingError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be at "
                                 f"least the number of processes ({world})")
+        if engine.sharded and cfg.model.quantization:
+            raise TrainingError(f"model.quantization={cfg.model.quantization} is not supported under "
+                                f"{engine.describe()}: train a quantized base with data parallelism "
+                                f"(examples/accelerate/ddp.yaml), where each process holds its own 4-bit copy")
+        if engine.deepspeed and cfg.train.nan_policy == "skip" and cfg.train.grad_accum > 1:
+            # DeepSpeed accumulates micro-batches in buffers of its own that cannot be emptied mid-step.
+            raise TrainingError("train.nan_policy=skip needs train.grad_accum=1 under DeepSpeed; set one of them "
+                                "differently (nan_policy=stop, or no accumulation)")
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "run_config.yaml")
@@ -352,23 +363,49 @@ class Trainer:
             model.calibrate([{k: v.to(device) for k, v in b.items()} for b in batches])
 
         optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr)
+        # DeepSpeed replaces the groups' parameters by flat partitions: remember which is which
+        optimized = [p for group in optimizer.param_groups for p in group["params"]]
+        group_sizes = [len(group["params"]) for group in optimizer.param_groups]
         scheduler = _scheduler(optimizer, cfg)
+        saved_optimizer = None
         if checkpoints:
-            start_step = self._load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+            start_step, saved_optimizer = self._load_checkpoint(checkpoints[-1], model, scheduler)
         if world > 1:  # the same seed everywhere would give every process the same dropout masks
             torch.manual_seed(cfg.train.seed + 1_000_003 * rank + start_step)
+        if engine.deepspeed:
+            engines.configure_deepspeed(accelerator, global_batch=cfg.train.batch_size,
+                                        grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm)
         prepared, optimizer = accelerator.prepare(model, optimizer)
+        if saved_optimizer is not None:
+            engines.load_optimizer_state(optimizer, optimized, saved_optimizer, engine)
+        deepspeed_engine = accelerator.deepspeed_engine_wrapped.engine if engine.deepspeed else None
 
         def log(path: Path, record: dict[str, Any]) -> None:
             if main:
                 self._log(path, record)
 
+        def gathered() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            # a collective under FSDP and DeepSpeed: every process takes part, the main process writes
+            return (engines.gather_adapter_state(model, engine),
+                    engines.gather_optimizer_state(optimizer, optimized, group_sizes, engine))
+
+        last_saved: dict[str, Any] = {}
+
         def save(state, barrier: bool = True) -> Path:
-            path = self._save(step, model, optimizer, scheduler, state) if main else checkpoint_path(
-                self.output_dir, step)
+            path = checkpoint_path(self.output_dir, step)
+            if main or engine.sharded:
+                adapter_state, optimizer_state = gathered()
+                if main:
+                    last_saved["adapter"] = adapter_state
+                    path = self._save(step, model, adapter_state, optimizer_state, scheduler, state)
             if barrier:  # no process runs ahead of a checkpoint it may resume from
                 accelerator.wait_for_everyone()
             return path
+
+        def evaluate_all() -> Any:
+            # a sharded model runs only when every process runs it, so all evaluate (the same examples, in
+            # lockstep) and the main process reports; otherwise the others wait at a barrier
+            return self.evaluate(device, progress=self.progress and main) if main or engine.sharded else None
 
         log_path = self.output_dir / "metrics.jsonl"
         if main and not checkpoints and log_path.exists():
@@ -405,6 +442,8 @@ class Trainer:
                     sync = accelerator.no_sync(prepared) if micro < cfg.train.grad_accum - 1 \
                         else contextlib.nullcontext()
                     with sync:
+                        if deepspeed_engine is not None:
+                            deepspeed_engine.set_gradient_accumulation_boundary(micro == cfg.train.grad_accum - 1)
                         out = prepared(**batch, **extra)
                         loss = out.loss
                         # one collective for the logged loss and the token count; every process then makes the
@@ -414,12 +453,15 @@ class Trainer:
                         if not torch.isfinite(shared[0]):
                             bad = (micro, names, float(shared[0]))
                             break
-                        accelerator.backward(loss / cfg.train.grad_accum)
+                        if deepspeed_engine is not None:
+                            deepspeed_engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+                        else:
+                            accelerator.backward(loss / cfg.train.grad_accum)
                     losses.append(float(shared[0]))
                     for k, v in model.last_aux_losses.items():
                         aux_sums[k] = aux_sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
                     tokens += int(round(float(shared[1]) * world))
-                if bad is None and cfg.train.max_grad_norm:
+                if bad is None and cfg.train.max_grad_norm and deepspeed_engine is None:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                     if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # the update: NaN
                         bad = (None, sorted(set(tasks_seen)), float(norm))
@@ -447,6 +489,16 @@ class Trainer:
                         f"{last_text}. Set train.nan_policy=skip to drop such batches, or lower train.lr")
                 consecutive_skips = 0
                 with _sigint_deferred():  # a Ctrl-C never lands between the update and the step count
+                    if deepspeed_engine is not None:
+                        # DeepSpeed clips inside its step, so its gradient norm is known only afterwards
+                        deepspeed_engine.step()
+                        norm = deepspeed_engine.get_global_grad_norm()
+                        if norm is not None and not math.isfinite(float(norm)):
+                            raise TrainingError(
+                                f"non-finite gradient norm ({float(norm)}) at step {step + 1} under DeepSpeed, "
+                                f"which has already applied the update; tasks in the batch: "
+                                f"{sorted(set(tasks_seen))}. Nothing was saved from this step; resume from the "
+                                f"last good checkpoint with a lower train.lr")
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -467,7 +519,7 @@ class Trainer:
                     save((self.sampler.state_dict(), _rng_state()))
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                     prepared.eval()
-                    res = self.evaluate(device) if main else None  # the other processes wait at the barrier
+                    res = evaluate_all()
                     if res is not None:
                         log(log_path, {"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
                     accelerator.wait_for_everyone()
@@ -475,6 +527,12 @@ class Trainer:
                     time.sleep(float(os.environ[STEP_DELAY_ENV]))
         except KeyboardInterrupt:
             bar.close()
+            if engine.sharded:
+                # gathering sharded state is a collective that processes the signal missed would never join
+                last = checkpoint_dirs(self.output_dir)
+                raise TrainingError(f"interrupted at step {step}; under {engine.describe()} no checkpoint is "
+                                    f"written on interrupt; the last checkpoint is "
+                                    f"{last[-1] if last else 'none'}; continue with --resume") from None
             # no barrier here: a process the signal missed may be blocked in a collective
             path = save(step_state, barrier=False)
             raise TrainingError(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume") \
@@ -482,20 +540,24 @@ class Trainer:
         bar.close()
         save((self.sampler.state_dict(), _rng_state()))
         result.steps, result.final_loss, result.is_main_process = step, last_loss, main
+        if not main and not engine.sharded:
+            return result
+        prepared.eval()
+        final_eval = evaluate_all()
         if not main:
             return result
         try:
-            model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step})
+            model.save_pretrained(self.output_dir / "adapter", metadata={"run": cfg.name, "steps": step},
+                                  state_dict=last_saved["adapter"])
         except (OSError, ValueError) as exc:
             raise TrainingError(f"could not write the adapter {self.output_dir / 'adapter'}: {exc}. The "
                                 f"last checkpoint ({checkpoint_dirs(self.output_dir)[-1]}) is intact; free "
                                 f"space or fix permissions and resume with --resume to write it again") from exc
-        prepared.eval()
-        result.eval = self.evaluate(device)
+        result.eval = final_eval
         if result.eval is not None:
             result.eval.save(self.output_dir / "eval")
         summary = {"steps": step, "final_loss": last_loss, "skipped_batches": result.skipped_batches,
-                   "processes": world,
+                   "processes": world, "engine": engine.describe(),
                    "trainable_parameters": model.num_trainable_parameters(),
                    "eval": None if result.eval is None else {"macro": result.eval.macro, "micro": result.eval.micro},
                    "eval_before": None if result.eval_before is None else {"macro": result.eval_before.macro,
@@ -503,24 +565,26 @@ class Trainer:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return result
 
-    def _save(self, step: int, model: MTModel, optimizer, scheduler, state) -> Path:
+    def _save(self, step: int, model: MTModel, adapter_state, optimizer_state, scheduler, state) -> Path:
         sampler_state, rng = state
-        return save_checkpoint(self.output_dir, step, model, optimizer, scheduler, sampler_state, rng,
-                               {"tasks": self.task_names}, keep=self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.output_dir, step, model, optimizer_state, scheduler, sampler_state, rng,
+                               {"tasks": self.task_names}, keep=self.cfg.train.keep_checkpoints,
+                               adapter_state=adapter_state)
 
-    def _load_checkpoint(self, path: Path, model: MTModel, optimizer, scheduler) -> int:
+    def _load_checkpoint(self, path: Path, model: MTModel, scheduler) -> tuple[int, dict[str, Any]]:
+        """Restore adapter, scheduler, data position and RNG; returns the step and the optimizer state, which
+        is loaded after ``accelerator.prepare`` (sharded engines rebuild the optimizer's parameters there)."""
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("tasks") != self.task_names:
             raise TrainingError(f"checkpoint {path} was made for tasks {state.get('tasks')}, this run has "
                                 f"{self.task_names}")
         adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
         model.load_adapter_state_dict(adapter, source=str(path / "adapter"))
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
-                                                        state["optimizer"]))
+        optimizer_state = _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-        return int(state["step"])
+        return int(state["step"]), optimizer_state
 
     @staticmethod
     def _log(path: Path, record: dict[str, Any]) -> None:

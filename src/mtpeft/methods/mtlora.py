@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..engines import whole_tensor
 from ..layers import (
     TaskContext,
     adapter_dtype,
@@ -346,7 +347,7 @@ class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
 
     def expert_matrices(self) -> list[torch.Tensor]:
         """The experts' up-projections B_e (d x r), for the spectral regularizer."""
-        return list(self.lora_B.unbind(0))
+        return list(whole_tensor(self.lora_B).unbind(0))
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, dim={self.dim}, rank={self.lora_A.shape[0]}, experts={self.num_experts}, "
@@ -397,7 +398,7 @@ def spectral_loss(model) -> torch.Tensor | None:
         mats = [b for layer in layers for b in layer.expert_matrices()]
         return spectral_released(mats, model.context.global_step, cfg.spectral_max_matrices)
     if cfg.spectral_mode == "paper":
-        return spectral_paper([layer.lora_B for layer in layers])
+        return spectral_paper([whole_tensor(layer.lora_B) for layer in layers])
     return None
 
 

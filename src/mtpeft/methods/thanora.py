@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..engines import whole_tensor
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 
 KAIMING_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of kaiming_uniform(a=sqrt(5)) rows
@@ -201,8 +202,8 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     groups: dict[tuple, list[ThanoRALinear]] = {}
     for layer in _layers(model).values():
         groups.setdefault((tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)), []).append(layer)
-    values = [block_orthogonality(torch.stack([la.lora_A for la in group]),
-                                  torch.stack([la.lora_B for la in group]),
+    values = [block_orthogonality(torch.stack([whole_tensor(la.lora_A) for la in group]),
+                                  torch.stack([whole_tensor(la.lora_B) for la in group]),
                                   torch.stack([la.block_ids() for la in group]), cfg.ortho_normalize)
               for group in groups.values()]
     return {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}

@@ -1,0 +1,258 @@
+"""Whole training state under every accelerate engine: data parallelism, FSDP2 and DeepSpeed ZeRO 1-3.
+
+mtpeft checkpoints hold whole tensors, written once by the main process, whatever engine trained them, so a run
+resumes under any engine and with any number of processes. Under data parallelism every process already holds
+whole tensors. FSDP2 shards parameters and optimizer state into DTensors; DeepSpeed ZeRO partitions the optimizer
+state (stages 1-2) and the parameters as well (stage 3), and keeps fp32 master weights of its own.
+
+The gather functions are collectives under the sharded engines: every process calls them, in the same order.
+The optimizer state comes out in ``torch.optim.Optimizer.state_dict()`` form (state keyed by the parameter's
+position in the parameter groups), which is what a single-process run saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Optimizer state tensors that DeepSpeed keeps per parameter for AdamW (torch's and DeepSpeed's own).
+_ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class EngineError(RuntimeError):
+    """An accelerate engine or engine setting mtpeft cannot train with."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine accelerate runs: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP`` or ``DEEPSPEED``."""
+
+    name: str
+    zero_stage: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some training state lives in pieces across processes (FSDP, DeepSpeed ZeRO)."""
+        return self.name in ("FSDP", "DEEPSPEED")
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.name == "DEEPSPEED"
+
+    def describe(self) -> str:
+        """A short name for logs and summaries, e.g. ``DEEPSPEED (ZeRO-3)``."""
+        return f"{self.name} (ZeRO-{self.zero_stage})" if self.deepspeed else self.name
+
+
+def engine_of(accelerator: Any) -> Engine:
+    """The engine of an ``accelerate.Accelerator``; refuses FSDP1, whose flat parameters mtpeft cannot address."""
+    name = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if name == "FSDP" and not accelerator.is_fsdp2:
+        raise EngineError("FSDP1 is not supported: mtpeft reads adapter parameters by name, which FSDP1 flattens. "
+                          "Set fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp.yaml)")
+    if name == "DEEPSPEED":
+        return Engine(name, int(accelerator.state.deepspeed_plugin.zero_stage))
+    if name not in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
+        raise EngineError(f"accelerate's {name} engine is not supported by mtpeft train: use data parallelism, "
+                          f"FSDP2 or DeepSpeed ZeRO (examples/accelerate/)")
+    return Engine(name)
+
+
+def configure_deepspeed(accelerator: Any, *, global_batch: int, grad_accum: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config from the run config before ``accelerator.prepare``.
+
+    The run config owns batch size, accumulation and clipping; values in the accelerate/DeepSpeed config file
+    are overwritten so that one run config trains the same way under every engine.
+    """
+    world = accelerator.num_processes
+    local = -(-global_batch // world)  # the largest shard; DeepSpeed only uses it for bookkeeping
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = local
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = local * grad_accum * world
+    config["gradient_clipping"] = float(max_grad_norm or 0.0)  # 0 disables clipping in DeepSpeed
+    accelerator.state.deepspeed_plugin.gradient_accumulation_steps = grad_accum
+
+
+@contextmanager
+def fsdp_root_unsharded(module: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 root module's own parameters whole inside the block (a no-op for other modules).
+
+    FSDP2 gathers a unit's parameters in a hook on that unit's ``forward``. ``generate`` calls the base model
+    past the root's forward, so the root's parameters (embeddings, output head, final norm) must be gathered
+    here; the decoder layers are units of their own and gather as they run.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def whole_tensor(value: Any) -> Any:
+    """An FSDP2-sharded parameter (a DTensor) as one whole tensor, with gradients; anything else unchanged.
+
+    For regularizers that read adapter weights outside their layer's forward, where FSDP2 holds only this
+    process's shard. Every process computes the same value; the gradient flows back to each process's shard.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    return value
+
+
+@contextmanager
+def _zero3_gathered(params: Sequence[nn.Parameter], engine: Engine) -> Iterator[None]:
+    if engine.zero_stage == 3 and params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def gather_adapter_state(model: Any, engine: Engine) -> dict[str, torch.Tensor]:
+    """The adapter's whole tensors on the CPU, keyed like ``MTModel.adapter_state_dict`` (a collective).
+
+    Under DeepSpeed the trainable tensors are its fp32 master weights, which is what training continues from.
+    """
+    params = dict(model.base_model.named_parameters())
+    adapter_params = [params[k] for k in model.adapter_state_dict() if k in params]
+    out: dict[str, torch.Tensor] = {}
+    with _zero3_gathered(adapter_params, engine):
+        for key, value in model.adapter_state_dict().items():
+            param = params.get(key)
+            if engine.deepspeed and param is not None and param.requires_grad:
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                master = safe_get_full_fp32_param(param)
+                if master is not None:
+                    value = master.to(param.dtype)
+            out[key] = whole_tensor(value).detach().cpu().clone()
+    return out
+
+
+def _deepspeed_inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (the one that holds ``state``)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner.optimizer is not inner:
+        inner = inner.optimizer
+    return inner
+
+
+def _create_deepspeed_optimizer_state(optimizer: Any) -> None:
+    """Give ZeRO's flat fp32 partitions their AdamW state before the first step, so that it can be set.
+
+    torch's AdamW creates its state lazily in the first ``step``, and ZeRO-1/2 link each parameter's share of
+    it only then; a resumed run sets the state before any step.
+    """
+    zero = optimizer
+    while not any(hasattr(zero, a) for a in ("_lazy_init_hp_params_optimizer_state", "fp32_partitioned_groups_flat")) \
+            and hasattr(zero, "optimizer"):
+        zero = zero.optimizer
+    inner = _deepspeed_inner_optimizer(optimizer)
+    # ZeRO-3 keeps its flat partitions out of the torch optimizer's groups between steps
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+        flat for group in inner.param_groups for flat in group["params"]]
+    for flat in flats:
+        entry = inner.state[flat]  # a defaultdict in torch optimizers
+        entry.setdefault("step", torch.tensor(0.0))
+        for key in _ADAM_STATE_KEYS:
+            entry.setdefault(key, torch.zeros_like(flat))
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2; ZeRO-3 reads the state directly
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _deepspeed_step(optimizer: Any) -> torch.Tensor | None:
+    for entry in _deepspeed_inner_optimizer(optimizer).state.values():
+        if "step" in entry:
+            return torch.as_tensor(entry["step"], dtype=torch.float32).detach().cpu().clone()
+    return None
+
+
+def gather_optimizer_state(optimizer: Any, params: Sequence[nn.Parameter], group_sizes: Sequence[int],
+                           engine: Engine) -> dict[str, Any]:
+    """Whole optimizer state in ``Optimizer.state_dict()`` form (a collective under sharded engines).
+
+    ``params`` are the trainable parameters in the order the optimizer was built with and ``group_sizes`` the
+    number of parameters in each group: DeepSpeed replaces the groups' parameters by flat partitions.
+    """
+    if not engine.deepspeed:
+        state = optimizer.state_dict()
+        return {"state": {i: {k: whole_tensor(v).detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                              for k, v in entry.items()} for i, entry in state["state"].items()},
+                "param_groups": state["param_groups"]}
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    step = _deepspeed_step(optimizer)
+    out: dict[int, dict[str, Any]] = {}
+    for index, param in enumerate(params):
+        entry = {}
+        for key in _ADAM_STATE_KEYS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is not None:
+                entry[key] = value.detach().float().cpu().clone()
+        if entry and step is not None:
+            entry["step"] = step.clone()
+        if entry:
+            out[index] = entry
+    groups, start = [], 0
+    for group, size in zip(optimizer.param_groups, group_sizes):
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + size))})
+        start += size
+    return {"state": out, "param_groups": groups}
+
+
+def load_optimizer_state(optimizer: Any, params: Sequence[nn.Parameter], state: dict[str, Any],
+                         engine: Engine) -> None:
+    """Restore whole optimizer state saved by :func:`gather_optimizer_state` into a prepared optimizer.
+
+    Call after ``accelerator.prepare``: FSDP2 swaps the parameters for DTensors there and DeepSpeed builds its
+    partitions, and state loaded before would be dropped.
+    """
+    if engine.deepspeed:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        _create_deepspeed_optimizer_state(optimizer)
+        step = None
+        for index, param in enumerate(params):
+            for key, value in state["state"].get(index, {}).items():
+                if key == "step":
+                    step = value
+                elif key in _ADAM_STATE_KEYS:
+                    safe_set_full_optimizer_state(param, value.to(param.device), key)
+        if step is not None:
+            for entry in _deepspeed_inner_optimizer(optimizer).state.values():
+                if "step" in entry:
+                    entry["step"] = step.to(entry["step"]) if isinstance(entry["step"], torch.Tensor) \
+                        else type(entry["step"])(step.item())
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        return
+    current = [p for group in optimizer.param_groups for p in group["params"]]
+    restored: dict[int, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        param = current[int(index)]
+        restored[int(index)] = {k: _shard_like(v, param) for k, v in entry.items()}
+    optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
+
+
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    """A whole state tensor laid out like its FSDP2 parameter (a DTensor); other values unchanged."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(param.shape):
+        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return value
