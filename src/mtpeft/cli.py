@@ -226,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data.loaders import DataFormatError
     from .model import AdapterLoadError, MergeError
     from .runconfig import RunConfigError
-    from .train import TrainingError
+    from .train import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:  # 128 + SIGINT, as shells report an interrupted command
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
     except (RunConfigError, ConfigError, DataFormatError, AdapterLoadError, MergeError, TrainingError,
             FileNotFoundError, ValueError) as exc:
         if os.environ.get("MTPEFT_DEBUG"):

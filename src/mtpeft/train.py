@@ -42,6 +42,10 @@ class TrainingError(RuntimeError):
     """Training stopped (a non-finite loss, a failed checkpoint write); the message says where and why."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Training stopped by Ctrl-C (SIGINT); the message says which checkpoint to resume from."""
+
+
 # --- tasks --------------------------------------------------------------------------------------------
 def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
     """Turn the run config's task entries (preset names or mappings) into task specs, in order."""
@@ -530,13 +534,13 @@ class Trainer:
             if engine.sharded:
                 # gathering sharded state is a collective that processes the signal missed would never join
                 last = checkpoint_dirs(self.output_dir)
-                raise TrainingError(f"interrupted at step {step}; under {engine.describe()} no checkpoint is "
-                                    f"written on interrupt; the last checkpoint is "
-                                    f"{last[-1] if last else 'none'}; continue with --resume") from None
+                raise TrainingInterrupted(f"interrupted at step {step}; under {engine.describe()} no checkpoint "
+                                          f"is written on interrupt; the last checkpoint is "
+                                          f"{last[-1] if last else 'none'}; continue with --resume") from None
             # no barrier here: a process the signal missed may be blocked in a collective
             path = save(step_state, barrier=False)
-            raise TrainingError(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume") \
-                from None
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {path}; continue with "
+                                      f"--resume") from None
         bar.close()
         save((self.sampler.state_dict(), _rng_state()))
         result.steps, result.final_loss, result.is_main_process = step, last_loss, main
