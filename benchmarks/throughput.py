@@ -172,7 +172,10 @@ def training_rows(args) -> list[dict]:
         if args.compile:
             model.compile()
         model.train()
-        rows.append(train_row(f"mtpeft_{method}{suffix}", model, args, task_ids=task_ids_for(args, 8)))
+        # Align-LoRA's loss compares tasks pairwise from each task's statistics: with one sample per task it is
+        # 0 (and cheap), so its row gets two samples per task
+        tasks = max(1, min(8, args.batch // 2)) if method == "align_lora" else 8
+        rows.append(train_row(f"mtpeft_{method}{suffix}", model, args, task_ids=task_ids_for(args, tasks)))
         del model
     return rows
 
@@ -249,6 +252,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      and "peak_mem_gib" in ref else "-")
             lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {x_peft} | {x_lora} | {mem} | {x_mem} |")
         lines.append("")
+    lines += ["Multi-task rows: 8 tasks, one per sample (Align-LoRA: two samples per task, since its loss "
+              "compares tasks pairwise and is 0 with one sample per task).", ""]
     if meta["device"] == "cpu":
         lines.append("CPU peak memory is the process's peak RSS so far (monotone over rows), not per row.")
         lines += ["", "CPU timings depend on the allocator: glibc malloc serves each block over 32 MiB "

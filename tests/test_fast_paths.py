@@ -122,3 +122,55 @@ def test_chunked_loss_with_a_head_that_is_not_a_dense_linear_uses_its_forward():
     perturb_adapters(model)
     ids, mask, labels = tiny_batch(batch=4, seq=9)
     assert_chunked_loss_matches_model_loss(model, 4, 1e-5, input_ids=ids, attention_mask=mask, labels=labels)
+
+
+FUSED_CASES = {
+    "thanora": {"method": "thanora"},
+    "thanora_task_masked": {"method": "thanora", "train_mode": "task_masked"},
+    "hydralora": {"method": "hydralora", "num_experts": 3},
+    "hydralora_dropout": {"method": "hydralora", "num_experts": 3, "dropout": 0.3},
+    "hydralora_grouped": {"method": "hydralora", "num_experts": 3, "routing_group_size": 8},  # the plain path
+    "mtlora_component": {"method": "mtlora", "block_type": "component", "num_experts": 3,
+                         "routing_group_size": None},
+    "moe_lora_task": {"method": "moe_lora", "num_experts": 2},
+    "moe_lora_token": {"method": "moe_lora", "gating": "token", "num_experts": 2, "top_k": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_adapter_forward_equals_plain_formula(case, training):
+    """The methods' one-addmm forwards equal W0 x + adapter_output(x), outputs and gradients (x and every
+    adapter parameter)."""
+    cfg = {"tasks": TASKS, "r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "down_proj"],
+           **FUSED_CASES[case]}
+    model = mtpeft.get_mt_model(tiny_model(), mtpeft.config_from_dict(cfg))
+    perturb_adapters(model)
+    model.train(training)
+    model.context.task_ids = torch.tensor([0, 1, 2, 0])
+    model.context.collect = training
+    g = torch.Generator().manual_seed(0)
+    for layer in model.adapter_layers.values():
+        x = torch.randn(4, 5, layer.in_features, generator=g, requires_grad=True)
+        params = [x] + [p for p in layer.parameters() if p.requires_grad]
+        torch.manual_seed(1)  # the same dropout mask for both
+        fused = layer(x)
+        torch.manual_seed(1)
+        plain = layer.base_layer(x) + layer.adapter_output(x)
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+        upstream = torch.randn(fused.shape, generator=g)
+        g_fused = torch.autograd.grad(fused, params, upstream)
+        g_plain = torch.autograd.grad(plain, params, upstream)
+        for a, b in zip(g_fused, g_plain):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["thanora", "hydralora", "moe_lora"])
+def test_adapter_forward_over_a_half_precision_base_is_the_plain_formula(method):
+    model = mtpeft.get_mt_model(tiny_model().to(torch.bfloat16),
+                                mtpeft.config_from_dict({"method": method, "tasks": TASKS, "r": 4}))
+    perturb_adapters(model)
+    model.context.task_ids = torch.tensor([0, 1, 2, 0])
+    layer = next(iter(model.adapter_layers.values()))
+    x = torch.randn(4, 5, layer.in_features).to(torch.bfloat16)
+    assert torch.equal(layer(x), layer.base_layer(x) + layer.adapter_output(x).to(torch.bfloat16))

@@ -10,7 +10,7 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.methods.hydralora import HydraLoRALinear, cv_squared, routed_up, routing_statistics
+from mtpeft.methods.hydralora import HydraLoRALinear, balance_loss, cv_squared, routed_up, routing_statistics
 
 
 def make(arch: str = "llama", **overrides):
@@ -130,3 +130,15 @@ def test_parameter_count_at_paper_setting_on_meta_llama2_7b():
     assert model.num_trainable_parameters() == 75_497_472
     layer = model.adapter_layers["model.layers.0.self_attn.q_proj"]
     assert isinstance(layer, HydraLoRALinear) and layer.lora_B.device.type == "meta"
+
+
+def test_batched_balance_loss_equals_the_mean_of_per_adapter_cv_squared():
+    g = torch.Generator().manual_seed(0)
+    means = [torch.softmax(torch.randn(5, generator=g), 0).requires_grad_() for _ in range(7)]
+    fast = balance_loss(means)
+    plain = torch.stack([cv_squared(m) for m in means]).mean()
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(fast, means), torch.autograd.grad(plain, means)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    single = [torch.ones(1), torch.ones(1)]  # one expert: CV^2 is 0 by definition
+    assert float(balance_loss(single)) == 0.0

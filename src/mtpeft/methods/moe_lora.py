@@ -34,6 +34,7 @@ from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 from ..model import MergeError
 from .hydralora import RoutedExpertsMixin, balance_loss, check_expert_options, routed_layers, routing_means
+from .lora import add_update
 
 GATINGS = ("task", "token")
 
@@ -150,16 +151,24 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         return self.task_gate(ids.to(device))
 
     # --- forward -----------------------------------------------------------------------------------------
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+    def gated_down(self, x: torch.Tensor) -> torch.Tensor:
+        """A dropout(x) with each expert's rank rows scaled by its gate weight, (..., r)."""
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
         if self.gating == "task":
             gate = self._sample_gate(x.shape[0], x.device)[:, self.expert_of_rank]  # (b, r)
-            z = z * per_sample(gate, z)
-        else:
-            pi = self.routing_weights(x)
-            self._cache_routing(pi)
-            z = z * pi[..., 0, :][..., self.expert_of_rank].to(z.dtype)
-        return F.linear(z, self.lora_B) * self.scale
+            return z * per_sample(gate, z)
+        pi = self.routing_weights(x)
+        self._cache_routing(pi)
+        return z * pi[..., 0, :][..., self.expert_of_rank].to(z.dtype)
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.gated_down(x), self.lora_B) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + s B (gated z), added into the base output by one addmm (LoRA's fast path) over an fp32 base;
+        over a half-precision base the update is computed in fp32 and cast, as ``adapter_output``."""
+        out = self.base_layer(x)
+        return out if self.merged else add_update(out, self.gated_down(x), self.lora_B, self.scale)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gating != "task":

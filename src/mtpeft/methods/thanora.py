@@ -36,6 +36,7 @@ from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
 from ..engines import whole_tensor
 from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
+from .lora import add_update
 
 KAIMING_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of kaiming_uniform(a=sqrt(5)) rows
 
@@ -165,13 +166,23 @@ class ThanoRALinear(LinearAdapter):
             stacked = F.normalize(stacked, dim=1)
         self.lora_A.copy_((stacked * KAIMING_ROW_NORM).to(self.lora_A))
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """A dropout(x), in training with ``task_masked`` restricted to each sample's own task block."""
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         if self.train_mode == "task_masked" and self.training:
             ids = self.context.require_task_ids(f"ThanoRA task_masked ({self.module_name})", x.shape[0])
             mask = (self.block_ids()[None, :] == ids[:, None]).to(z.dtype)  # (b, r)
             z = z * per_sample(mask, z)
-        return F.linear(z, self.lora_B) * self.scale
+        return z
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.down(x), self.lora_B) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + s B z, the update added into the base output by one addmm (LoRA's fast path) over an fp32
+        base; over a half-precision base the update is computed in fp32 and cast, as ``adapter_output``."""
+        out = self.base_layer(x)
+        return out if self.merged else add_update(out, self.down(x), self.lora_B, self.scale)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scale
