@@ -8,7 +8,7 @@ import pytest
 from conftest import DATA_ROOT, REPO, accelerate_launch_env
 
 import mtpeft
-from mtpeft.runconfig import load_run_config
+from mtpeft.runconfig import load_run_config, run_config_from_dict
 from mtpeft.train import resolve_task_specs
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -48,3 +48,14 @@ def test_shipped_accelerate_configs_give_the_engines_mtpeft_supports():
             assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1], env
         else:  # data parallelism
             assert "ACCELERATE_USE_FSDP" not in env and "ACCELERATE_USE_DEEPSPEED" not in env, env
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_demo_config_is_valid_for_every_method(monkeypatch, gpu):
+    """`mtpeft demo --method M` must at least configure every registered method (CPU and GPU variants)."""
+    from mtpeft import demo
+
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: gpu)
+    for method in mtpeft.available_methods():
+        cfg = run_config_from_dict(demo.demo_config(method))
+        mtpeft.config_from_dict({**cfg.method, "tasks": ["arithmetic", "reverse", "extract", "category"]})

@@ -20,6 +20,14 @@ from .runconfig import apply_overrides, run_config_from_dict
 DEMO_LAYERS = 30  # SmolLM2-135M depth
 
 
+def _top_third_of_layers(method: str) -> dict[str, Any]:
+    """Adapters in the top third of the layers only: on CPU, backward then stops early and each step is cheaper.
+    TA-LoRA names its prompted layers itself (1-based)."""
+    if method == "ta_lora":
+        return {"prompt_layers": list(range(DEMO_LAYERS - 9, DEMO_LAYERS + 1))}
+    return {"layers_to_transform": list(range(DEMO_LAYERS - 10, DEMO_LAYERS))}
+
+
 def demo_config(method: str = "mtl_lora", steps: int | None = None, output_dir: str = "runs/demo") -> dict[str, Any]:
     """The demo's run config as a mapping (``--set`` overrides apply on top)."""
     gpu = torch.cuda.is_available()
@@ -28,9 +36,7 @@ def demo_config(method: str = "mtl_lora", steps: int | None = None, output_dir: 
         # Four heterogeneous tasks the untrained model fails: arithmetic, string transformation, extraction and
         # multiple-choice classification. (The suite's `sentiment` task is left out: SmolLM2 already scores ~98%.)
         "tasks": ["demo:arithmetic,reverse,extract,category"],
-        "method": {"method": method, "r": 8, "alpha": 16,
-                   # The top third of the layers: on CPU, backward then stops early and each step is cheaper.
-                   "layers_to_transform": None if gpu else list(range(DEMO_LAYERS - 10, DEMO_LAYERS))},
+        "method": {"method": method, "r": 8, "alpha": 16, **({} if gpu else _top_third_of_layers(method))},
         "model": {"name": "smollm2"},
         "data": {"max_length": 64, "max_train_per_task": 240, "max_eval_per_task": 40},
         "train": {"steps": steps or (300 if gpu else 80), "batch_size": 10, "lr": 2e-3, "warmup_ratio": 0.05,
