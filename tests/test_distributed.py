@@ -81,6 +81,9 @@ def _write_config(folder: Path, model_dir: Path, method: str, **train) -> Path:
     cfg = toy_run_config(folder, model_dir, method, batch_size=7, steps=4, save_every=2, keep_checkpoints=10,
                          **train)
     cfg["method"].update({"dropout": 0.0, **{**METHODS, **OTHER_METHODS}[method]})
+    # one prompt per generate call: predictions then do not depend on which prompts share a padded batch, so
+    # a sharded evaluation must reproduce the single-process one exactly
+    cfg["eval"].update({"batch_size": 1, "before_training": True})
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -160,6 +163,10 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, one_pro
         assert any(k.startswith("aux/") and abs(v) > 0 for k, v in losses_one[1].items())
     _assert_same_losses(losses_one, losses_two, range(1, 5))
     _assert_same_adapters(one, two)
+    # evaluation before and after training, each process on its share (DDP) or all in lockstep (FSDP, ZeRO)
+    assert (two / "eval" / "predictions.jsonl").read_text() == (one / "eval" / "predictions.jsonl").read_text()
+    assert json.loads((two / "summary.json").read_text())["eval_before"] == \
+        json.loads((one / "summary.json").read_text())["eval_before"]
     # written once: one checkpoint folder per save, one adapter, one summary
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     summary = json.loads((two / "summary.json").read_text())

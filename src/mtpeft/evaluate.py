@@ -334,6 +334,7 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = True,
     max_length: int | None = None,
+    shard: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on each task's examples and compute the task metrics.
 
@@ -348,6 +349,10 @@ def evaluate(
         device: where to run; default the model's device.
         progress: show a tqdm progress bar.
         max_length: optional prompt length limit (prompts keep their end).
+        shard: under data parallelism, each process evaluates every ``world``-th example of each task and the
+            predictions are gathered, so every process returns the whole result. Every process must call this
+            (a collective); in one process it changes nothing. Not for sharded models (FSDP, ZeRO-3), whose
+            processes must run the same forward passes.
 
     Returns:
         :class:`EvalResult` with each task's primary metric (``spec.metric``) and extra metrics
@@ -355,14 +360,18 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    from . import distributed
+
     pairs = _normalize_tasks(tasks)
+    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
     names = list(task_names)
     for spec, _ in pairs:
         if spec.name not in names:
             raise ValueError(f"task {spec.name!r} is not in task_names {names}")
     total = 0
     for spec, exs in pairs:
-        n_rows = len(exs) if spec.type == "generation" else sum(len(_option_texts(e)) for e in exs)
+        mine = exs[rank::world]
+        n_rows = len(mine) if spec.type == "generation" else sum(len(_option_texts(e)) for e in mine)
         total += math.ceil(n_rows / batch_size)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
@@ -379,11 +388,12 @@ def evaluate(
             bar.set_postfix_str(spec.name)
             tid = names.index(spec.name)
             option_scores: list[list[float]] | None = None
+            mine = exs[rank::world]
             if spec.type == "generation":
                 preds = generate_predictions(
                     model,
                     tokenizer,
-                    exs,
+                    mine,
                     tid,
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
@@ -395,7 +405,7 @@ def evaluate(
                 option_scores = score_options(
                     model,
                     tokenizer,
-                    exs,
+                    mine,
                     tid,
                     batch_size=batch_size,
                     device=device,
@@ -403,9 +413,12 @@ def evaluate(
                     progress_bar=bar,
                 )
                 preds = []
-                for ex, sc in zip(exs, option_scores):
+                for ex, sc in zip(mine, option_scores):
                     choices = ex.options if ex.options is not None else [t.strip() for t in _option_texts(ex)]
                     preds.append(choices[max(range(len(sc)), key=sc.__getitem__)])
+            if world > 1:
+                preds, option_scores = _gathered_in_order(preds, option_scores, len(exs),
+                                                          device or _model_device(model))
             refs = [ex.reference for ex in exs]
             assert spec.metric is not None
             task_metrics: dict[str, float] = {}
@@ -435,3 +448,24 @@ def evaluate(
         if was_training and hasattr(model, "train"):
             model.train()
     return EvalResult(metrics, primary, predictions)
+
+
+def _gathered_in_order(preds: list[str], scores: list[list[float]] | None, total: int,
+                       device: torch.device | str) -> tuple[list[str], list[list[float]] | None]:
+    """Every process's predictions (and option scores) for examples ``rank, rank + world, ...``, gathered and
+    put back in example order. The payload travels as UTF-8 JSON bytes in a tensor: no pickling."""
+    from . import distributed
+
+    world = distributed.world_size()
+    payload = json.dumps([preds, scores], ensure_ascii=False).encode("utf-8")
+    local = torch.tensor(list(payload), dtype=torch.uint8, device=device)[None]
+    rows = distributed.gather_rows(local)  # (world, longest payload), zero-padded; JSON text has no NUL bytes
+    ordered_preds: list[Any] = [None] * total
+    ordered_scores: list[Any] | None = None if scores is None else [None] * total
+    for r, row in enumerate(rows.cpu()):
+        part_preds, part_scores = json.loads(bytes(row.tolist()).rstrip(b"\0").decode("utf-8"))
+        for k, pred in enumerate(part_preds):
+            ordered_preds[r + k * world] = pred
+            if ordered_scores is not None:
+                ordered_scores[r + k * world] = part_scores[k]
+    return ordered_preds, ordered_scores

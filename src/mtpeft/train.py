@@ -306,8 +306,8 @@ class Trainer:
     def eval_sets(self) -> list[tuple[TaskSpec, list[Example]]]:
         return [(spec, data.eval) for spec, data in self.tasks if data.eval]
 
-    def evaluate(self, device: torch.device | None = None, progress: bool | None = None) -> Any:
-        """Per-task evaluation of the current model on every task's eval split."""
+    def evaluate(self, device: torch.device | None = None, progress: bool | None = None, shard: bool = False) -> Any:
+        """Per-task evaluation of the current model on every task's eval split (``shard``: see ``evaluate``)."""
         from .evaluate import evaluate
 
         sets = self.eval_sets()
@@ -315,7 +315,7 @@ class Trainer:
             return None
         return evaluate(self.model, self.tokenizer, sets, self.task_names, batch_size=self.cfg.eval.batch_size,
                         max_new_tokens=self.cfg.eval.max_new_tokens, device=device,
-                        progress=self.progress if progress is None else progress)
+                        progress=self.progress if progress is None else progress, shard=shard)
 
     def train(self, resume: bool = False) -> TrainResult:
         """Run the loop; with ``resume`` continue from the latest complete checkpoint in the output folder."""
@@ -358,9 +358,9 @@ class Trainer:
                                 f"or choose another output_dir")
         accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         result = TrainResult(self.output_dir, 0, None)
-        if cfg.eval.before_training and not checkpoints and main:
-            model.eval()
-            result.eval_before = self.evaluate(device)
+        if cfg.eval.before_training and not checkpoints:
+            model.eval()  # not sharded yet under any engine: each process evaluates its share of the examples
+            result.eval_before = self.evaluate(device, progress=self.progress and main, shard=True)
         if model.needs_calibration and not checkpoints:
             batches = _calibration_batches(self.tasks, self.collator, cfg.train.batch_size,
                                            cfg.train.calibration_batches)
@@ -407,9 +407,10 @@ class Trainer:
             return path
 
         def evaluate_all() -> Any:
-            # a sharded model runs only when every process runs it, so all evaluate (the same examples, in
-            # lockstep) and the main process reports; otherwise the others wait at a barrier
-            return self.evaluate(device, progress=self.progress and main) if main or engine.sharded else None
+            # Every process takes part and the main process reports. Under data parallelism each evaluates its
+            # share of the examples; a sharded model (FSDP, ZeRO) runs only when every process runs it, so
+            # there all evaluate every example in lockstep.
+            return self.evaluate(device, progress=self.progress and main, shard=not engine.sharded)
 
         log_path = self.output_dir / "metrics.jsonl"
         if main and not checkpoints and log_path.exists():
@@ -544,8 +545,6 @@ class Trainer:
         bar.close()
         save((self.sampler.state_dict(), _rng_state()))
         result.steps, result.final_loss, result.is_main_process = step, last_loss, main
-        if not main and not engine.sharded:
-            return result
         prepared.eval()
         final_eval = evaluate_all()
         if not main:
