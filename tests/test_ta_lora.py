@@ -90,12 +90,15 @@ def test_forward_backward_mixed_batch_reaches_every_parameter_and_needs_task_ids
 def test_param_groups_give_slow_weights_a_scaled_learning_rate():
     _, model = make()
     groups = {g["name"]: g for g in model.param_groups(lr=1e-3, weight_decay=0.01)}
-    assert groups["fast"]["lr"] == 1e-3 and groups["gates"]["lr"] == 1e-3
-    assert groups["slow"]["lr"] == pytest.approx(1e-4)
+    # prompt_lr_scale 5 by default: the prompt learning rate is 5e-3
+    assert groups["fast"]["lr"] == pytest.approx(5e-3) and groups["gates"]["lr"] == pytest.approx(5e-3)
+    assert groups["slow"]["lr"] == pytest.approx(5e-4)
     n_layers = len(model.adapter_layers)
     assert len(groups["fast"]["params"]) == n_layers * len(TASKS)
     assert len(groups["slow"]["params"]) == 2 * n_layers and len(groups["gates"]["params"]) == n_layers
-    assert model.param_groups(lr=1.0, slow_lr_scale=0.5)[1]["lr"] == 0.5
+    assert model.param_groups(lr=1.0, slow_lr_scale=0.5)[1]["lr"] == pytest.approx(2.5)
+    model.adapter_config.prompt_lr_scale = 1.0
+    assert [g["lr"] for g in model.param_groups(lr=1e-3)] == pytest.approx([1e-3, 1e-4, 1e-3])
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == model.num_trainable_parameters()
 

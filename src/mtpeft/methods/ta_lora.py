@@ -20,7 +20,11 @@ implements the reading in ``docs/methods.md`` section 4.2 and makes each uncerta
   un-rotated q. The prompt part is recomputed on every call from the current queries, so it works unchanged
   with the KV cache in ``generate``. BERT-style layers wrap ``attention.self`` (whose output dense follows).
 - **Fast / slow learning rates.** ``param_groups(model, lr, weight_decay, slow_lr_scale=...)``: the fast
-  weights A_t (and the gates) train at lr, the slow B and P_0 at lr * ``slow_lr_scale`` (0.1).
+  weights A_t (and the gates) train at lr * ``prompt_lr_scale``, the slow B and P_0 at that times
+  ``slow_lr_scale`` (0.1). ``prompt_lr_scale`` (5) exists because prompt tuning wants larger steps than a
+  weight-space LoRA, and a run config usually has one lr for every method. Measured with ``mtpeft demo
+  --method ta_lora`` (80 steps, CPU, lr 2e-3): macro 36.2% with a scale of 1 and 71.2% with 5. MTL-LoRA
+  reaches 88.8% there.
 - **New tasks** (the paper's few-shot target adaptation). ``model.add_task(name, init='mean' | 'zeros' |
   'random' | <existing task>, train_only_new=False)`` appends a fast weight per layer; with ``train_only_new``
   every other parameter is frozen, so training changes only the new task's A_t. Each task's A_t is its own
@@ -66,8 +70,11 @@ class TALoRAConfig(AdapterConfig):
         "help": "1-based indices of the layers that get a prompt. None: ceil(L/2), ceil(3L/4) and L for a "
                 "model with L layers (14, 21, 28 for 28 layers)."})
     slow_lr_scale: float = field(default=0.1, metadata={
-        "help": "param_groups: the slow weights (B, P_0) train at lr * slow_lr_scale; fast A_t and gates at "
-                "lr."})
+        "help": "param_groups: the slow weights (B, P_0) train at the prompt learning rate * slow_lr_scale; "
+                "fast A_t and gates at the prompt learning rate."})
+    prompt_lr_scale: float = field(default=5.0, metadata={
+        "help": "param_groups: the prompt learning rate is the run's lr * prompt_lr_scale. Prompt tuning "
+                "wants larger steps than weight-space LoRA (the demo: 36% at 1, 71% at 5)."})
     prompt_init_std: float = field(default=1.0, metadata={
         "help": "Standard deviation of the shared prompt P_0 at init (the scale of normalized hidden "
                 "states)."})
@@ -85,6 +92,8 @@ class TALoRAConfig(AdapterConfig):
             self.prompt_layers = list(self.prompt_layers)
         if not self.slow_lr_scale >= 0:
             raise ConfigError(f"{name}.slow_lr_scale must be >= 0, got {self.slow_lr_scale!r}")
+        if not self.prompt_lr_scale > 0:
+            raise ConfigError(f"{name}.prompt_lr_scale must be > 0, got {self.prompt_lr_scale!r}")
         if not self.prompt_init_std >= 0:
             raise ConfigError(f"{name}.prompt_init_std must be >= 0, got {self.prompt_init_std!r}")
         if self.layers_to_transform is not None:
@@ -254,8 +263,10 @@ def _wrappers(model) -> list[PromptAttention]:
 
 def param_groups(model, lr: float, weight_decay: float = 0.0, slow_lr_scale: float | None = None,
                  **_: Any) -> list[dict[str, Any]]:
-    """Fast weights A_t and gates at ``lr``; slow weights B and P_0 at ``lr * slow_lr_scale``."""
+    """Fast weights A_t and gates at ``lr * prompt_lr_scale``; slow weights B and P_0 at that times
+    ``slow_lr_scale``."""
     scale = model.adapter_config.slow_lr_scale if slow_lr_scale is None else float(slow_lr_scale)
+    lr = lr * model.adapter_config.prompt_lr_scale
     fast, slow, gates = [], [], []
     for name, p in model.trainable_parameters():
         leaf = name.rsplit(".", 1)[-1]
