@@ -192,6 +192,8 @@ def _as_if_killed_after_step_2(source: Path, target: Path) -> Path:
     return target
 
 
+# its own group, so that xdist runs it beside the engine cases instead of after them (the suite's long pole)
+@pytest.mark.xdist_group("distributed-resume")
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
 def test_checkpoints_resume_across_engines_and_process_counts(tmp_path, one_process_runs, engine):
     """A 2-process checkpoint resumes on 1 process, and a 1-process checkpoint resumes on 2 under the engine."""
