@@ -144,12 +144,17 @@ def gather_adapter_state(model: Any, engine: Engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """accelerate's wrapper, DeepSpeed's ZeRO optimizer, ..., the torch optimizer that holds ``state`` (last)."""
+    chain = [optimizer]
+    while hasattr(chain[-1], "optimizer") and chain[-1].optimizer is not chain[-1]:
+        chain.append(chain[-1].optimizer)
+    return chain
+
+
 def _deepspeed_inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under accelerate's and DeepSpeed's wrappers (the one that holds ``state``)."""
-    inner = optimizer
-    while hasattr(inner, "optimizer") and inner.optimizer is not inner:
-        inner = inner.optimizer
-    return inner
+    return _optimizer_chain(optimizer)[-1]
 
 
 def _create_deepspeed_optimizer_state(optimizer: Any) -> None:
@@ -158,11 +163,10 @@ def _create_deepspeed_optimizer_state(optimizer: Any) -> None:
     torch's AdamW creates its state lazily in the first ``step``, and ZeRO-1/2 link each parameter's share of
     it only then; a resumed run sets the state before any step.
     """
-    zero = optimizer
-    while not any(hasattr(zero, a) for a in ("_lazy_init_hp_params_optimizer_state", "fp32_partitioned_groups_flat")) \
-            and hasattr(zero, "optimizer"):
-        zero = zero.optimizer
-    inner = _deepspeed_inner_optimizer(optimizer)
+    chain = _optimizer_chain(optimizer)
+    inner = chain[-1]
+    zero = next((o for o in chain if hasattr(o, "_lazy_init_hp_params_optimizer_state")
+                 or hasattr(o, "fp32_partitioned_groups_flat")), inner)
     # ZeRO-3 keeps its flat partitions out of the torch optimizer's groups between steps
     flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
         flat for group in inner.param_groups for flat in group["params"]]

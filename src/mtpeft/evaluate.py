@@ -370,7 +370,7 @@ def evaluate(
             raise ValueError(f"task {spec.name!r} is not in task_names {names}")
     total = 0
     for spec, exs in pairs:
-        mine = exs[rank::world]
+        mine = distributed.split_round_robin(exs, rank, world)
         n_rows = len(mine) if spec.type == "generation" else sum(len(_option_texts(e)) for e in mine)
         total += math.ceil(n_rows / batch_size)
     was_training = bool(getattr(model, "training", False))
@@ -388,7 +388,7 @@ def evaluate(
             bar.set_postfix_str(spec.name)
             tid = names.index(spec.name)
             option_scores: list[list[float]] | None = None
-            mine = exs[rank::world]
+            mine = distributed.split_round_robin(exs, rank, world)
             if spec.type == "generation":
                 preds = generate_predictions(
                     model,
@@ -452,8 +452,8 @@ def evaluate(
 
 def _gathered_in_order(preds: list[str], scores: list[list[float]] | None, total: int,
                        device: torch.device | str) -> tuple[list[str], list[list[float]] | None]:
-    """Every process's predictions (and option scores) for examples ``rank, rank + world, ...``, gathered and
-    put back in example order. The payload travels as UTF-8 JSON bytes in a tensor: no pickling."""
+    """Every process's predictions (and option scores) for its ``split_round_robin`` share, gathered and put
+    back in example order. The payload travels as UTF-8 JSON bytes in a tensor: no pickling."""
     from . import distributed
 
     world = distributed.world_size()

@@ -388,17 +388,14 @@ class Trainer:
             if main:
                 self._log(path, record)
 
-        def gathered() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            # a collective under FSDP and DeepSpeed: every process takes part, the main process writes
-            return (engines.gather_adapter_state(model, engine),
-                    engines.gather_optimizer_state(optimizer, optimized, group_sizes, engine))
-
         last_saved: dict[str, Any] = {}
 
         def save(state, barrier: bool = True) -> Path:
             path = checkpoint_path(self.output_dir, step)
             if main or engine.sharded:
-                adapter_state, optimizer_state = gathered()
+                # a collective under FSDP and DeepSpeed: every process takes part, the main process writes
+                adapter_state = engines.gather_adapter_state(model, engine)
+                optimizer_state = engines.gather_optimizer_state(optimizer, optimized, group_sizes, engine)
                 if main:
                     last_saved["adapter"] = adapter_state
                     path = self._save(step, model, adapter_state, optimizer_state, scheduler, state)
