@@ -41,7 +41,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
     import mtpeft
-    from mtpeft.models import load_base_model
+    from mtpeft.base_models import load_base_model
 
     spec = VARIANTS[args.variant]
     dtype = spec["dtype"] if args.device == "cpu" or spec["quantization"] is None else "bfloat16"

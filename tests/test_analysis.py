@@ -213,8 +213,8 @@ def test_unknown_diagnostic_lists_the_allowed_ones() -> None:
 # --- end to end ------------------------------------------------------------------------------------
 def test_analyze_a_finished_run(tmp_path: Path, tiny_model_dir: Path, capsys, one_thread) -> None:
     from mtpeft.cli import main
-    from mtpeft.runconfig import run_config_from_dict
-    from mtpeft.train import train
+    from mtpeft.training.run_config import run_config_from_dict
+    from mtpeft.training.trainer import train
 
     raw = toy_run_config(tmp_path, tiny_model_dir, "hydralora", steps=3, save_every=0)
     raw["method"].update({"num_experts": 3, "target_modules": ["q_proj", "v_proj", "down_proj"]})

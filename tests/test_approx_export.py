@@ -1,4 +1,4 @@
-"""Approximate plain-LoRA export of input-routed adapters (mtpeft.approx) and loading it in PEFT."""
+"""Approximate plain-LoRA export of input-routed adapters (mtpeft.io.approx) and loading it in PEFT."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.approx import approximate_factors
+from mtpeft.io.approx import approximate_factors
 
 
 def calibration(seed: int = 1):

@@ -51,7 +51,7 @@ def test_merge_matches_unmerged_per_task_and_in_mixed_batches(method, arch):
     for t, task in enumerate(TASKS):
         unmerged = logits(model, ids, mask, torch.full((4,), t))
         merged = copy.deepcopy(model).merge_and_unload(task=task)
-        assert not any(isinstance(m, mtpeft.layers.LinearAdapter) for m in merged.modules())
+        assert not any(isinstance(m, mtpeft.core.layers.LinearAdapter) for m in merged.modules())
         merged_logits = logits(merged, ids, mask)
         torch.testing.assert_close(merged_logits, unmerged, atol=1e-4, rtol=0)
         rows = mixed == t

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtpeft.data.demo import DEMO_TASKS, demo_specs, demo_tasks
+from mtpeft.data.builtin import DEMO_TASKS, demo_specs, demo_tasks
 from mtpeft.data.tasks import TaskSpec, load_task
 
 

@@ -22,7 +22,7 @@ import yaml
 from conftest import accelerate_launch_env, toy_run_config
 from safetensors.torch import load_file
 
-from mtpeft import distributed
+from mtpeft.core import distributed
 
 pytestmark = pytest.mark.xdist_group("distributed")
 
@@ -232,7 +232,7 @@ def test_collectives_are_the_identity_in_one_process():
 def test_fsdp1_and_unknown_engines_are_refused_with_the_fix():
     from types import SimpleNamespace
 
-    from mtpeft import engines
+    from mtpeft.training import engines
 
     fsdp1 = SimpleNamespace(distributed_type="DistributedType.FSDP", is_fsdp2=False)
     with pytest.raises(engines.EngineError, match="fsdp_version: 2"):
@@ -242,4 +242,4 @@ def test_fsdp1_and_unknown_engines_are_refused_with_the_fix():
     assert engines.engine_of(SimpleNamespace(distributed_type="DistributedType.FSDP", is_fsdp2=True)).sharded
     assert not engines.engine_of(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU", is_fsdp2=False)).sharded
     plain = torch.randn(2, 3)
-    assert engines.whole_tensor(plain) is plain
+    assert distributed.whole_tensor(plain) is plain

@@ -8,8 +8,8 @@ import pytest
 from conftest import DATA_ROOT, REPO, accelerate_launch_env
 
 import mtpeft
-from mtpeft.runconfig import load_run_config, run_config_from_dict
-from mtpeft.train import resolve_task_specs
+from mtpeft.training.run_config import load_run_config, run_config_from_dict
+from mtpeft.training.trainer import resolve_task_specs
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -53,7 +53,7 @@ def test_shipped_accelerate_configs_give_the_engines_mtpeft_supports():
 @pytest.mark.parametrize("gpu", [False, True])
 def test_the_demo_config_is_valid_for_every_method(monkeypatch, gpu):
     """`mtpeft demo --method M` must at least configure every registered method (CPU and GPU variants)."""
-    from mtpeft import demo
+    from mtpeft.training import demo
 
     monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: gpu)
     for method in mtpeft.available_methods():

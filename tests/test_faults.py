@@ -29,10 +29,10 @@ import yaml
 from conftest import REPO, toy_run_config
 from safetensors.torch import load_file
 
-import mtpeft.train as train_mod
+import mtpeft.training.trainer as train_mod
 from mtpeft.model import WEIGHTS_NAME
-from mtpeft.runconfig import run_config_from_dict
-from mtpeft.train import STEP_DELAY_ENV, Trainer, TrainingError, checkpoint_dirs, train
+from mtpeft.training.run_config import run_config_from_dict
+from mtpeft.training.trainer import STEP_DELAY_ENV, Trainer, TrainingError, checkpoint_dirs, train
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -76,8 +76,8 @@ import torch  # noqa: E402
 
 import mtpeft.data.mixing as mixing  # noqa: E402
 import mtpeft.model as model_mod  # noqa: E402
-import mtpeft.train as train_mod  # noqa: E402
-from mtpeft.runconfig import load_run_config  # noqa: E402
+import mtpeft.training.trainer as train_mod  # noqa: E402
+from mtpeft.training.run_config import load_run_config  # noqa: E402
 
 files = {"adapter_weights": (model_mod, "adapter_model.safetensors"),
          "final_adapter": (model_mod, "adapter_model.safetensors"),

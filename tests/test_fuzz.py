@@ -39,8 +39,8 @@ from mtpeft.data.loaders import DataFormatError, read_records
 from mtpeft.data.mixing import MixtureSampler
 from mtpeft.data.tasks import Example, TaskSpec, TaskSpecError, load_task, load_tasks
 from mtpeft.model import AdapterLoadError, MTModel
-from mtpeft.runconfig import _SECTIONS, RunConfig, RunConfigError, load_run_config, run_config_from_dict
-from mtpeft.train import TrainingError, method_config_for, resolve_task_specs
+from mtpeft.training.run_config import _SECTIONS, RunConfig, RunConfigError, load_run_config, run_config_from_dict
+from mtpeft.training.trainer import TrainingError, method_config_for, resolve_task_specs
 
 pytestmark = pytest.mark.xdist_group("fuzz")  # one worker runs the module, so its tally is complete
 
@@ -738,7 +738,7 @@ def test_unknown_adapter_config_keys_and_another_base_say_what_differs(tmp_path,
 def test_trust_remote_code_is_off_unless_asked_for(monkeypatch):
     import transformers
 
-    from mtpeft.models import load_base_model, load_tokenizer
+    from mtpeft.base_models import load_base_model, load_tokenizer
 
     seen: list[dict[str, Any]] = []
 

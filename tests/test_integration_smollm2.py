@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mtpeft
-from mtpeft.models import load_base_model, load_tokenizer
+from mtpeft.base_models import load_base_model, load_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2")]
 
@@ -45,8 +45,8 @@ def test_smollm2_identity_merge_and_peft_export(smollm2, tmp_path):
 
 
 def test_smollm2_learns_three_real_bbh_tasks(smollm2_dir, data_root, tmp_path):
-    from mtpeft.runconfig import run_config_from_dict
-    from mtpeft.train import train
+    from mtpeft.training.run_config import run_config_from_dict
+    from mtpeft.training.trainer import train
 
     cfg = run_config_from_dict({
         "name": "bbh3",

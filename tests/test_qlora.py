@@ -9,7 +9,7 @@ import yaml
 from conftest import toy_run_config
 
 import mtpeft
-from mtpeft.models import load_base_model
+from mtpeft.base_models import load_base_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'mtpeft[qlora]')")
 
@@ -99,8 +99,8 @@ def test_8bit_base_merges_within_int8_activation_rounding(small_llama_dir):
 
 
 def test_a_run_config_trains_a_4bit_base_end_to_end(tmp_path, tiny_model_dir):
-    from mtpeft.runconfig import load_run_config
-    from mtpeft.train import train
+    from mtpeft.training.run_config import load_run_config
+    from mtpeft.training.trainer import train
 
     cfg = toy_run_config(tmp_path, tiny_model_dir, steps=2, save_every=0)
     cfg["model"].update({"quantization": "4bit", "gradient_checkpointing": True})
@@ -112,7 +112,7 @@ def test_a_run_config_trains_a_4bit_base_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_unknown_quantization_is_a_config_error(tmp_path, tiny_model_dir):
-    from mtpeft.runconfig import RunConfigError, run_config_from_dict
+    from mtpeft.training.run_config import RunConfigError, run_config_from_dict
 
     cfg = toy_run_config(tmp_path, tiny_model_dir)
     cfg["model"]["quantization"] = "3bit"

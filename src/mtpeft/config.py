@@ -17,14 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from torch import nn
 
     from .model import MTModel
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the allowed values."""
 
 
 def task_name_problem(name: str) -> str | None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,20 +14,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig, ConfigError, config_from_dict, get_method
-from .engines import fsdp_root_unsharded
-from .layers import LinearAdapter, TaskContext, dense_weight, find_target_linears, is_quantized, set_submodule
+from .core.distributed import fsdp_root_unsharded
+from .core.layers import LinearAdapter, TaskContext
+from .core.quant import dense_linear, dequantize_rest, is_quantized
+from .core.targets import find_target_linears, set_submodule
+from .errors import AdapterLoadError, MergeError
+from .io.atomic import atomic_write_dir
 
 CONFIG_NAME = "mtpeft_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-class MergeError(RuntimeError):
-    """The method's update cannot be folded into the base weights as asked."""
-
-
-class AdapterLoadError(ValueError):
-    """A saved adapter does not fit the base model, or is not in a safe format."""
 
 
 TaskIds = torch.Tensor | Sequence[int] | Sequence[str] | int | str | None
@@ -44,35 +38,6 @@ def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
     out["class"] = type(model).__name__
     out["name_or_path"] = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
     return out
-
-
-def atomic_write_dir(path: str | os.PathLike, write: Any) -> Path:
-    """Write a folder atomically: ``write(tmp_dir)`` fills a sibling temp folder that then replaces ``path``.
-
-    A crash leaves either the old folder or the new one, never a mix; the temp folder name starts with a dot.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 class MTModel(nn.Module):
@@ -506,14 +471,14 @@ class MTModel(nn.Module):
         for name, layer in self._linear_layers().items():
             merged = layer.merged_weight(tid)
             if is_quantized(layer.base_layer):  # QLoRA: the merged model holds dequantized weights
-                set_submodule(self.base_model, name, _dense_linear(layer.base_layer, merged))
+                set_submodule(self.base_model, name, dense_linear(layer.base_layer, merged))
                 dequantized = True
                 continue
             layer.base_layer.weight.data.copy_(merged)
             set_submodule(self.base_model, name, layer.base_layer)
         self.adapter_layers = {}
         if dequantized:
-            _dequantize_rest(self.base_model)
+            dequantize_rest(self.base_model)
         return self.base_model
 
     def export_peft(self, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
@@ -523,7 +488,7 @@ class MTModel(nn.Module):
         Mergeable methods export exactly. Input-routed methods need ``rank`` (and calibration batches for the
         routing statistics) and export an approximation; the returned report gives its relative error.
         """
-        from .export import export_peft
+        from .io.export import export_peft
 
         return export_peft(self, path, task=task, rank=rank, calibration=calibration)
 
@@ -590,38 +555,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")`` (fp32) in chunks of
     ``chunk`` rows, with its gradients computed in the forward pass (:class:`_LinearCrossEntropy`)."""
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(int(chunk), 1), torch.is_grad_enabled())
-
-
-def _dense_linear(quantized: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A plain ``nn.Linear`` with ``weight`` (already dequantized and merged) and the quantized layer's bias."""
-    bias = getattr(quantized, "bias", None)
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                      dtype=weight.dtype)
-    dense.weight.data.copy_(weight)
-    if bias is not None:
-        dense.bias.data.copy_(bias.data.to(weight.dtype))
-    dense.requires_grad_(False)
-    return dense
-
-
-def _dequantize_rest(model: nn.Module) -> None:
-    """After a merge into dequantized weights, dequantize the linears no adapter touched as well and drop the
-    markers that would make ``save_pretrained`` write (and ``from_pretrained`` expect) a bitsandbytes checkpoint:
-    the merged model is a plain full-precision model, as vLLM and lm-eval load it."""
-    for name, module in list(model.named_modules()):
-        if name and is_quantized(module):
-            set_submodule(model, name, _dense_linear(module, dense_weight(module)))
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if hasattr(model, attr):
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, False)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, None)
 
 
 def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:

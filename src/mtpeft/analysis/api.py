@@ -125,7 +125,7 @@ def analyze_run(
     diagnostics."""
     import torch
 
-    from ..train import load_tasks, resolve_task_specs
+    from ..training.trainer import load_tasks, resolve_task_specs
 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")

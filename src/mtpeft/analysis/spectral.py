@@ -36,7 +36,7 @@ TaskMatrices = dict[str, dict[str, torch.Tensor]]
 
 
 def _is_linear_adapter(layer: nn.Module) -> bool:
-    from ..layers import LinearAdapter
+    from ..core.layers import LinearAdapter
 
     return isinstance(layer, LinearAdapter)
 

@@ -2,7 +2,7 @@
 
 A *run* is one (setting, method, seed). Its run config is the suite's shared sections plus the setting's
 tasks and steps plus the method's config from :data:`METHOD_DEFAULTS` (and ``--set`` overrides); it is trained
-with :class:`mtpeft.train.Trainer`, which evaluates every training task at the end. Unseen tasks (the
+with :class:`mtpeft.training.trainer.Trainer`, which evaluates every training task at the end. Unseen tasks (the
 ``commonsense`` suite) are evaluated afterwards under the unseen-task policy.
 
 Folder layout under the bench folder ``OUT``::
@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, available_methods, config_from_dict, get_method
-from ..runconfig import RunConfigError, apply_overrides, parse_override, run_config_from_dict
+from ..errors import BenchError
+from ..training.run_config import RunConfigError, apply_overrides, parse_override, run_config_from_dict
 from .suites import Suite, SuiteSetting, apply_scaling_steps
 
 #: The baselines that are not adapter methods.
@@ -110,10 +111,6 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "moe_lora": {"r": 8, "dropout": 0.05, "num_experts": 4, "gating": "task"},
     "ta_lora": {"r": 8, "dropout": 0.05, "prompt_length": 10, "slow_lr_scale": 0.1},
 }
-
-
-class BenchError(ValueError):
-    """A bad benchmark request (unknown method, conflicting options, a changed config in a resumed folder)."""
 
 
 @dataclass
@@ -242,7 +239,7 @@ def method_defaults(method: str) -> dict[str, Any]:
 def _model_config(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
-    from ..models import resolve_model_path
+    from ..base_models import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
 
@@ -545,7 +542,7 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------------- evaluation
 class FixedTaskIds(nn.Module):
-    """Wraps a model for :func:`mtpeft.evaluate.evaluate` and replaces the task ids it is given.
+    """Wraps a model for :func:`mtpeft.evaluation.evaluator.evaluate` and replaces the task ids it is given.
 
     ``task_id=None`` passes no task id (task-agnostic methods; MoE-LoRA's unknown-task gate); an int passes
     that id for every row; ``drop=True`` passes no ``task_ids`` keyword at all (a plain transformers model).
@@ -602,7 +599,7 @@ def _load_eval_examples(entries: Sequence[Any], cfg: Any, *, unseen: bool = Fals
     """(spec, eval examples) of task entries; an unseen task without an eval split is evaluated on all of its
     examples (capped by ``data.max_eval_per_task``), as nothing trains on it."""
     from ..data.tasks import load_task
-    from ..train import resolve_task_specs
+    from ..training.trainer import resolve_task_specs
 
     if not entries:
         return []
@@ -621,7 +618,7 @@ def evaluate_with(
     model: nn.Module, tokenizer: Any, tasks: list[tuple[Any, list[Any]]], cfg: Any, progress: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` (a FixedTaskIds wrapper) on (spec, examples) pairs; per-task metrics dict."""
-    from ..evaluate import evaluate
+    from ..evaluation.evaluator import evaluate
 
     tasks = [(s, e) for s, e in tasks if e]
     if not tasks:
@@ -759,7 +756,7 @@ class BenchRunner:
     def check_data(self) -> None:
         """Fail before any training when a task's data file is missing (FileNotFoundError naming it)."""
         from ..data.tasks import resolve_source
-        from ..train import resolve_task_specs
+        from ..training.trainer import resolve_task_specs
 
         seen: set[str] = set()
         for spec in self.runs:
@@ -902,7 +899,7 @@ class BenchRunner:
         return evaluate_with(wrapped, tokenizer, tasks, cfg, self.options.progress), how
 
     def _train(self, config: dict[str, Any], method: str, unseen: list[Any]) -> dict[str, Any]:
-        from ..train import Trainer
+        from ..training.trainer import Trainer
 
         cfg = run_config_from_dict(copy.deepcopy(config))
         trainer = Trainer(cfg, progress=self.options.progress)
@@ -922,7 +919,7 @@ class BenchRunner:
         }
 
     def _untrained(self, spec: RunSpec) -> dict[str, Any]:
-        from ..models import load_run_base_model, load_tokenizer
+        from ..base_models import load_run_base_model, load_tokenizer
 
         cfg = run_config_from_dict(copy.deepcopy(spec.config))
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.presets import BBH_TASKS
+from ..errors import SuiteError
 
 #: BBH tasks with short inputs and short answers (the quick setting and the first 5 of ``bbh-scaling``).
 QUICK_BBH_TASKS: tuple[str, ...] = (
@@ -47,10 +48,6 @@ QUICK_TOP_LAYERS = 4
 
 SUITES: tuple[str, ...] = ("bbh27", "bbh-scaling", "glue", "commonsense")
 SCALING_STEPS: tuple[str, ...] = ("per_task", "fixed")
-
-
-class SuiteError(ValueError):
-    """An unknown suite name or a malformed custom suite; the message lists what is allowed."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Data layer of mtpeft: task specs and loading, presets, the demo suite, metrics, mixing, collation."""
 
+from .builtin import DEMO_TASKS, demo_specs, demo_tasks
 from .collator import (
     IGNORE_INDEX,
     MultiTaskCollator,
@@ -8,7 +9,6 @@ from .collator import (
     eos_token_id,
     pad_token_id,
 )
-from .demo import DEMO_TASKS, demo_specs, demo_tasks
 from .loaders import DataFormatError, Record, read_located_records, read_records
 from .metrics import (
     METRICS,

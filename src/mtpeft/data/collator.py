@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import TruncationError
 from .tasks import Example
 
 __all__ = [
@@ -30,10 +31,6 @@ __all__ = [
 IGNORE_INDEX = -100
 #: Allowed ``truncation`` values of :class:`MultiTaskCollator`.
 TRUNCATION_POLICIES: tuple[str, ...] = ("left", "right", "error")
-
-
-class TruncationError(ValueError):
-    """An example does not fit ``max_length`` under the chosen truncation policy."""
 
 
 def eos_token_id(tokenizer: Any) -> int:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataFormatError
+
 __all__ = [
     "DataFormatError",
     "Record",
@@ -27,10 +29,6 @@ __all__ = [
 
 #: File suffixes :func:`read_records` understands (lower case).
 RECORD_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
-
-
-class DataFormatError(ValueError):
-    """A data file (or one of its records) is malformed; the message names the file and line."""
 
 
 @dataclass(frozen=True)

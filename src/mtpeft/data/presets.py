@@ -312,13 +312,13 @@ def math_tasks(data_root: str | Path | None = None, names: Sequence[str] | None 
 
 
 def _demo_specs(names: Sequence[str] | None = None) -> list[TaskSpec]:
-    from .demo import demo_specs
+    from .builtin import demo_specs
 
     return demo_specs(names=names)
 
 
 def _demo_names() -> tuple[str, ...]:
-    from .demo import DEMO_TASKS
+    from .builtin import DEMO_TASKS
 
     return tuple(DEMO_TASKS)
 

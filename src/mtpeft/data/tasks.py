@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import task_name_problem
+from ..errors import TaskSpecError
 from .loaders import DataFormatError, Record, is_record_file, read_located_records
 from .metrics import METRICS
 
@@ -41,10 +42,6 @@ __all__ = [
 
 #: Allowed values of :attr:`TaskSpec.type`.
 TASK_TYPES: tuple[str, ...] = ("generation", "multiple_choice", "classification")
-
-
-class TaskSpecError(ValueError):
-    """A :class:`TaskSpec` is invalid (unknown type or metric, bad template, missing label set...)."""
 
 
 # ------------------------------------------------------------------------------------- data roots
@@ -622,7 +619,7 @@ def examples_from_records(spec: TaskSpec, records: Iterable[Record]) -> list[Exa
 def load_task(spec: TaskSpec, data_root: str | Path | None = None) -> TaskData:
     """Load a task's train and eval examples.
 
-    Sources: ``builtin:<name>`` (generated, see ``mtpeft.data.demo``), local files (relative paths
+    Sources: ``builtin:<name>`` (generated, see ``mtpeft.data.builtin``), local files (relative paths
     resolve against ``data_root``, see :func:`resolve_source`) and Hugging Face datasets. The split
     policy is described on :class:`TaskSpec`.
 
@@ -631,7 +628,7 @@ def load_task(spec: TaskSpec, data_root: str | Path | None = None) -> TaskData:
         DataFormatError: a file or record is malformed; the message names task, file, line and field.
     """
     if spec.source.startswith(_BUILTIN_PREFIX):
-        from .demo import builtin_records
+        from .builtin import builtin_records
 
         train_recs, eval_recs = builtin_records(spec)
         train = examples_from_records(spec, train_recs)

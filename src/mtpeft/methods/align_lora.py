@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .. import distributed
 from ..config import ConfigError, MethodSpec, register_method
-from ..layers import TaskContext
+from ..core import distributed
+from ..core.layers import TaskContext
 from .lora import LoRAConfig, LoRALinear
 
 MMD_BANDWIDTHS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 100.0,

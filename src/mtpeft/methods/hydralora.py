@@ -14,7 +14,7 @@ Options beyond the original:
   the released mtLoRA code), plus 1e-10 in the denominator.
 
 No task ids. Routing depends on the input, so the model cannot be merged; ``export_peft(rank=k,
-calibration=...)`` exports the expected update sum_i E[pi_i] B_i A truncated to rank k (``mtpeft.approx``).
+calibration=...)`` exports the expected update sum_i E[pi_i] B_i A truncated to rank k (``mtpeft.io.approx``).
 
 This module also holds the routing pieces that mtLoRA and token-gated MoE-LoRA reuse.
 """
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..layers import LinearAdapter, TaskContext, init_down_projection
+from ..core import distributed
+from ..core.layers import LinearAdapter, TaskContext, init_down_projection
 from ..model import MergeError
 from .lora import add_low_rank
 
@@ -303,7 +303,7 @@ class HydraLoRALinear(SharedDownRoutedMixin, LinearAdapter):
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise MergeError(f"{self.module_name or 'this layer'}: the HydraLoRA update depends on each token's "
-                         f"routing, so it has no fixed LoRA factors; use mtpeft.approx.approximate_factors")
+                         f"routing, so it has no fixed LoRA factors; use mtpeft.io.approx.approximate_factors")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.num_experts}, groups={self.num_groups}"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, MethodSpec, register_method
-from ..layers import LinearAdapter, TaskContext, init_down_projection
+from ..core.layers import LinearAdapter, TaskContext, init_down_projection
 
 
 def add_low_rank(out: torch.Tensor, z: torch.Tensor, up_t: torch.Tensor, scale: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ matrix per task and the model merges once per task: ``lora_factors(t)`` is exact
 ``gating='token'`` is the MoLE-style token-routed variant: g(x) = softmax(W_g x) per token, only the
 ``top_k`` largest weights kept (renormalized to sum to 1 by default), plus the CV^2 load-balance loss on the
 mean gate per expert (weight ``balance_weight``, 0.01). No task ids; not mergeable (input-routed): the export
-is the expected update sum_e E[g_e] s B_e A_e truncated to rank k (``mtpeft.approx``).
+is the expected update sum_e E[g_e] s B_e A_e truncated to rank k (``mtpeft.io.approx``).
 
 One method name covers both: the merge class follows the config through ``MethodSpec.merge_for``
 ('per_task' for task gating, 'none' for token gating), so a single config class keeps save/load and the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
+from ..core.layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 from ..model import MergeError
 from .hydralora import RoutedExpertsMixin, balance_loss, check_expert_options, routed_layers, routing_means
 from .lora import add_update
@@ -174,7 +174,7 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         if self.gating != "task":
             raise MergeError(f"{self.module_name or 'this layer'}: token-gated MoE-LoRA routes each token "
                              f"from its input, so it has no fixed LoRA factors; use "
-                             f"mtpeft.approx.approximate_factors")
+                             f"mtpeft.io.approx.approximate_factors")
         tid = self.num_tasks if task is None else int(task)
         ids = torch.tensor([tid], device=self.lora_A.device)
         gate = self.task_gate(ids)[0][self.expert_of_rank]  # (r,)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..layers import LinearAdapter, TaskContext, init_down_projection
+from ..core.layers import LinearAdapter, TaskContext, init_down_projection
 
 
 @dataclass

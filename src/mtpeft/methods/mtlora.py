@@ -41,7 +41,7 @@ target_modules=['q_proj', 'v_proj'], routing_group_size=None, spectral_mode='off
 the defaults.
 
 No task ids; not mergeable (input routing, and the block path is parallel to a nonlinear block). The export
-(``mtpeft.approx``) fits each block's delta onto the block's output linear (``mlp.down_proj`` /
+(``mtpeft.io.approx``) fits each block's delta onto the block's output linear (``mlp.down_proj`` /
 ``self_attn.o_proj``) by least squares over calibration tokens and truncates it to rank k.
 """
 
@@ -56,15 +56,9 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..engines import whole_tensor
-from ..layers import (
-    TaskContext,
-    adapter_dtype,
-    find_target_linears,
-    init_down_projection,
-    layer_index,
-    set_submodule,
-)
+from ..core.distributed import whole_tensor
+from ..core.layers import TaskContext, adapter_dtype, init_down_projection
+from ..core.targets import find_target_linears, layer_index, set_submodule
 from ..model import MergeError
 from .hydralora import (
     HydraLoRALinear,

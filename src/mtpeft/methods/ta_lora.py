@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..layers import TaskContext, adapter_dtype, init_down_projection, set_submodule
+from ..core.layers import TaskContext, adapter_dtype, init_down_projection
+from ..core.targets import set_submodule
 from .mtlora import ModuleWrapper, transformer_layers
 
 FAST_INITS = ("mean", "zeros", "random")

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
 from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..engines import whole_tensor
-from ..layers import LinearAdapter, TaskContext, init_down_projection, per_sample
+from ..core import distributed
+from ..core.distributed import whole_tensor
+from ..core.layers import LinearAdapter, TaskContext, init_down_projection, per_sample
 from .lora import add_update
 
 KAIMING_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of kaiming_uniform(a=sqrt(5)) rows

@@ -9,12 +9,12 @@ needs no change.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ConfigError
+from ..config import AdapterConfig, ConfigError
+from .quant import dense_weight
 
 
 class TaskContext:
@@ -57,30 +57,6 @@ def init_down_projection(weight: torch.Tensor, init: str, rank: int) -> None:
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 (fp64 on an fp64 base) even over a half-precision base, as PEFT does."""
     return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """True for a bitsandbytes 4-/8-bit linear (its stored weight is not floating point)."""
-    weight = getattr(layer, "weight", None)
-    return weight is not None and not weight.dtype.is_floating_point
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense floating-point tensor; bitsandbytes 4-bit and 8-bit weights are dequantized."""
-    weight = layer.weight
-    if weight.dtype.is_floating_point:
-        return weight
-    state = getattr(weight, "quant_state", None)
-    if state is not None:  # Params4bit (NF4 / FP4)
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(weight.data, state)
-    scales = getattr(weight, "SCB", None)
-    if scales is None:
-        scales = getattr(getattr(layer, "state", None), "SCB", None)
-    if scales is not None and weight.dtype == torch.int8:  # Int8Params: row-wise absmax scaling
-        return weight.data.float() * (scales.float()[:, None] / 127.0)
-    raise TypeError(f"cannot dequantize the weight of {type(layer).__name__} (dtype {weight.dtype})")
 
 
 class LinearAdapter(nn.Module):
@@ -134,74 +110,6 @@ class LinearAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scale={self.scale:g}"
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every nn.Linear in ``model``."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def find_target_linears(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Resolve ``config.target_modules`` to full linear-module names; clear errors when nothing matches."""
-    linears = linear_module_names(model)
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-    excluded = _output_head_names(model)
-
-    def is_excluded(name: str) -> bool:
-        return any(name == e or name.endswith("." + e) for e in config.exclude_modules)
-
-    targets = config.target_modules
-    if targets == "all-linear":
-        chosen = [n for n in linears if n not in excluded]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise ConfigError(f"target_modules {targets!r} is not 'all-linear' nor a valid regex: {exc}") from exc
-        chosen = [n for n in linears if pattern.fullmatch(n)]
-    else:
-        chosen = []
-        for t in targets:
-            hits = [n for n in linears if n == t or n.endswith("." + t)]
-            if not hits:
-                raise ConfigError(
-                    f"target module {t!r} matches no linear module of {type(model).__name__}; "
-                    f"its linear modules are named {leaf_names}"
-                )
-            chosen.extend(h for h in hits if h not in chosen)
-        chosen = [n for n in linears if n in set(chosen)]
-    chosen = [n for n in chosen if not is_excluded(n)]
-    if config.layers_to_transform is not None:
-        wanted = {int(i) for i in config.layers_to_transform}
-        chosen = [n for n in chosen if layer_index(n) in wanted]
-    if not chosen:
-        raise ConfigError(
-            f"target_modules {targets!r} selects no linear module of {type(model).__name__}; "
-            f"its linear modules are named {leaf_names}"
-        )
-    return chosen
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer-layer index in a module name ('model.layers.3.mlp.up_proj' -> 3), or None."""
-    match = _LAYER_INDEX.search("." + name + ".")
-    return int(match.group(1)) if match else None
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, config_from_dict
-
-
-class RunConfigError(ValueError):
-    """A run-config key is unknown or has a bad value; the message names the key."""
+from ..config import ConfigError, config_from_dict
+from ..errors import RunConfigError
 
 
 def _h(text: str, **kwargs: Any) -> Any:

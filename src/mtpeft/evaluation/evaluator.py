@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .data.collator import (
+from ..data.collator import (
     _leading_specials,
     _special_ids,
     _truncate_left,
@@ -31,8 +31,8 @@ from .data.collator import (
     tokenize_prompt,
     tokenize_target,
 )
-from .data.metrics import compute_metric, score_example
-from .data.tasks import Example, TaskData, TaskSpec
+from ..data.metrics import compute_metric, score_example
+from ..data.tasks import Example, TaskData, TaskSpec
 
 __all__ = ["EvalResult", "evaluate", "compare_table", "generate_predictions", "score_options"]
 
@@ -360,7 +360,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from . import distributed
+    from ..core import distributed
 
     pairs = _normalize_tasks(tasks)
     rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
@@ -454,7 +454,7 @@ def _gathered_in_order(preds: list[str], scores: list[list[float]] | None, total
                        device: torch.device | str) -> tuple[list[str], list[list[float]] | None]:
     """Every process's predictions (and option scores) for its ``split_round_robin`` share, gathered and put
     back in example order. The payload travels as UTF-8 JSON bytes in a tensor: no pickling."""
-    from . import distributed
+    from ..core import distributed
 
     world = distributed.world_size()
     payload = json.dumps([preds, scores], ensure_ascii=False).encode("utf-8")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .runconfig import apply_overrides, run_config_from_dict
+from .run_config import apply_overrides, run_config_from_dict
 
 DEMO_LAYERS = 30  # SmolLM2-135M depth
 
@@ -49,8 +49,8 @@ def demo_config(method: str = "mtl_lora", steps: int | None = None, output_dir: 
 def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str = "runs/demo",
              overrides: list[str] | None = None, progress: bool = True) -> Any:
     """Train, evaluate before/after, save and export; prints the tables and the next commands."""
-    from .evaluate import compare_table
-    from .train import Trainer, checkpoint_dirs
+    from ..evaluation.evaluator import compare_table
+    from .trainer import Trainer, checkpoint_dirs
 
     cfg = run_config_from_dict(apply_overrides(demo_config(method, steps, output_dir), overrides or []))
     out = Path(cfg.output_dir)

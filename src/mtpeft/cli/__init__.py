@@ -14,9 +14,9 @@ SET_HELP = "Override a run-config key, e.g. --set train.lr=1e-4 --set method.r=1
 
 def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
     """The run config, tokenizer and trained MTModel of a finished run folder."""
-    from .model import MTModel
-    from .models import load_run_base_model, load_tokenizer
-    from .runconfig import load_run_config
+    from ..base_models import load_run_base_model, load_tokenizer
+    from ..model import MTModel
+    from ..training.run_config import load_run_config
 
     run = Path(run_dir)
     cfg_file = run / "run_config.yaml"
@@ -25,7 +25,7 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
     cfg = load_run_config(cfg_file)
     adapter = run / "adapter"
     if not adapter.is_dir():
-        from .train import checkpoint_dirs
+        from ..training.trainer import checkpoint_dirs
 
         ckpts = checkpoint_dirs(run)
         if not ckpts:
@@ -38,8 +38,8 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .runconfig import load_run_config
-    from .train import method_config_for, resolve_task_specs
+    from ..training.run_config import load_run_config
+    from ..training.trainer import method_config_for, resolve_task_specs
 
     cfg = load_run_config(args.config, args.set)
     specs = resolve_task_specs(cfg)
@@ -50,8 +50,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runconfig import load_run_config
-    from .train import train
+    from ..training.run_config import load_run_config
+    from ..training.trainer import train
 
     cfg = load_run_config(args.config, args.set)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_result(result: Any) -> None:
     if result.eval_before is not None and result.eval is not None:
-        from .evaluate import compare_table
+        from ..evaluation.evaluator import compare_table
 
         print(compare_table(result.eval_before, result.eval))
     elif result.eval is not None:
@@ -72,8 +72,8 @@ def _print_result(result: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .train import load_tasks, resolve_task_specs
+    from ..evaluation.evaluator import evaluate
+    from ..training.trainer import load_tasks, resolve_task_specs
 
     cfg, tokenizer, model = _load_run(args.run_dir)
     specs = resolve_task_specs(cfg)
@@ -114,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.collator import encode_prompts, eos_token_id
+    from ..data.collator import encode_prompts, eos_token_id
 
     cfg, tokenizer, model = _load_run(args.run_dir)
     model.eval()
@@ -133,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..training.demo import run_demo
 
     run_demo(method=args.method, steps=args.steps, output_dir=args.output_dir, overrides=args.set,
              progress=not args.quiet)
@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .config import available_methods, get_method
+    from ..config import available_methods, get_method
 
     for name in available_methods():
         spec = get_method(name)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     try:
-        from .bench.cli import add_bench_parsers
+        from .bench import add_bench_parsers
     except ImportError:  # the benchmark harness is optional at import time
         add_bench_parsers = None
     if add_bench_parsers is not None:
@@ -222,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtpeft`` command."""
-    from .config import ConfigError
-    from .data.loaders import DataFormatError
-    from .model import AdapterLoadError, MergeError
-    from .runconfig import RunConfigError
-    from .train import TrainingError, TrainingInterrupted
+    from ..config import ConfigError
+    from ..data.loaders import DataFormatError
+    from ..model import AdapterLoadError, MergeError
+    from ..training.run_config import RunConfigError
+    from ..training.trainer import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:

@@ -51,9 +51,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run (or resume) a benchmark suite and write its report."""
     import torch
 
-    from .report import write_report
-    from .runner import BenchOptions, BenchRunner, validate_methods
-    from .suites import get_suite
+    from ..bench.report import write_report
+    from ..bench.runner import BenchOptions, BenchRunner, validate_methods
+    from ..bench.suites import get_suite
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _print_plan(runner: Any) -> None:
-    from .runner import count_trainable_parameters
+    from ..bench.runner import count_trainable_parameters
 
     print(f"suite {runner.suite.name}{' (quick)' if runner.suite.quick else ''} -> {runner.out_dir}")
     for s in runner.suite.settings:
@@ -288,6 +288,6 @@ def add_bench_parsers(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience
     """Run ``mtpeft`` with these subcommands (same as ``mtpeft.cli.main``)."""
-    from ..cli import main as cli_main
+    from . import main as cli_main
 
     return cli_main(argv if argv is not None else sys.argv[1:])

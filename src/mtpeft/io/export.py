@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from .model import MergeError, atomic_write_dir
+from ..model import MergeError
+from .atomic import atomic_write_dir
 
 if TYPE_CHECKING:
-    from .model import MTModel
+    from ..model import MTModel
 
 PEFT_PREFIX = "base_model.model."
 
@@ -104,7 +105,7 @@ def export_peft(model: MTModel, path: str | os.PathLike, task: int | str | None 
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     r = max(ranks.values())
     pattern = {name: k for name, k in ranks.items() if k != r}
-    from .layers import linear_module_names
+    from ..core.targets import linear_module_names
 
     # names as in the plain base model: drop the ``base_layer`` hops of adapter wrappers (block wrappers hold
     # e.g. mlp.base_layer.down_proj, which PEFT will see as mlp.down_proj)

@@ -24,26 +24,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed, engines
-from .data.collator import MultiTaskCollator
-from .data.mixing import MixtureSampler
-from .data.tasks import Example, TaskData, TaskSpec, load_task
-from .model import MTModel, atomic_write_dir, get_mt_model
-from .runconfig import RunConfig
+from ..core import distributed
+from ..data.collator import MultiTaskCollator
+from ..data.mixing import MixtureSampler
+from ..data.tasks import Example, TaskData, TaskSpec, load_task
+from ..errors import TrainingError, TrainingInterrupted
+from ..io.atomic import atomic_write_dir
+from ..model import MTModel, get_mt_model
+from . import engines
+from .run_config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 # Fault-injection aid for the kill/resume tests: seconds to sleep after each optimizer step.
 STEP_DELAY_ENV = "MTPEFT_STEP_DELAY_S"
 # nan_policy=skip: this many skipped batches in a row stop the run (the weights themselves are broken).
 MAX_CONSECUTIVE_SKIPS = 20
-
-
-class TrainingError(RuntimeError):
-    """Training stopped (a non-finite loss, a failed checkpoint write); the message says where and why."""
-
-
-class TrainingInterrupted(TrainingError):
-    """Training stopped by Ctrl-C (SIGINT); the message says which checkpoint to resume from."""
 
 
 # --- tasks --------------------------------------------------------------------------------------------
@@ -53,12 +48,12 @@ def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
     specs: list[TaskSpec] = []
     for i, entry in enumerate(cfg.tasks):
         if isinstance(entry, str) and (entry == "demo" or entry.startswith("demo:")):
-            from .data.demo import demo_specs
+            from ..data.builtin import demo_specs
 
             names = entry.split(":", 1)[1].split(",") if ":" in entry else None
             found = demo_specs(seed=cfg.train.seed, names=names)
         elif isinstance(entry, str):
-            from .data.presets import preset
+            from ..data.presets import preset
 
             found = preset(entry, root)
         else:
@@ -81,7 +76,7 @@ def resolve_task_specs(cfg: RunConfig) -> list[TaskSpec]:
 
 def method_config_for(cfg: RunConfig, task_names: list[str]) -> Any:
     """The validated adapter config of a run, with its resolved task list."""
-    from .config import ConfigError, config_from_dict
+    from ..config import ConfigError, config_from_dict
 
     try:
         return config_from_dict({**cfg.method, "tasks": task_names})
@@ -173,7 +168,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, op
     """Write checkpoint ``step-N`` atomically (adapter, optimizer, scheduler, RNG, data position).
 
     ``optimizer_state`` is an ``Optimizer.state_dict()`` with whole tensors and ``adapter_state`` the whole
-    adapter tensors (default: the model's own); :mod:`mtpeft.engines` gathers both from sharded runs.
+    adapter tensors (default: the model's own); :mod:`mtpeft.training.engines` gathers both from sharded runs.
     """
     target = checkpoint_path(output_dir, step)
     opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
@@ -274,7 +269,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, model: MTModel | None = None, tokenizer: Any = None,
                  tasks: list[tuple[TaskSpec, TaskData]] | None = None, progress: bool = True,
                  base_model: Any = None) -> None:
-        from .models import load_run_base_model, load_tokenizer
+        from ..base_models import load_run_base_model, load_tokenizer
 
         self.cfg = cfg
         self.progress = progress
@@ -308,7 +303,7 @@ class Trainer:
 
     def evaluate(self, device: torch.device | None = None, progress: bool | None = None, shard: bool = False) -> Any:
         """Per-task evaluation of the current model on every task's eval split (``shard``: see ``evaluate``)."""
-        from .evaluate import evaluate
+        from ..evaluation.evaluator import evaluate
 
         sets = self.eval_sets()
         if not sets:

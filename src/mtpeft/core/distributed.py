@@ -12,11 +12,13 @@ the gradient of the loss on one process over the whole global batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 Item = TypeVar("Item")
 
@@ -133,3 +135,36 @@ def all_reduce_mean_detached(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().contiguous().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+@contextmanager
+def fsdp_root_unsharded(module: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 root module's own parameters whole inside the block (a no-op for other modules).
+
+    FSDP2 gathers a unit's parameters in a hook on that unit's ``forward``. ``generate`` calls the base model
+    past the root's forward, so the root's parameters (embeddings, output head, final norm) must be gathered
+    here; the decoder layers are units of their own and gather as they run.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def whole_tensor(value: Any) -> Any:
+    """An FSDP2-sharded parameter (a DTensor) as one whole tensor, with gradients; anything else unchanged.
+
+    For regularizers that read adapter weights outside their layer's forward, where FSDP2 holds only this
+    process's shard. Every process computes the same value; the gradient flows back to each process's shard.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    return value

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..core.layers import LinearAdapter
+from ..model import MergeError
 from .export import svd_truncate
-from .layers import LinearAdapter
-from .model import MergeError
 
 if TYPE_CHECKING:
-    from .model import MTModel
+    from ..model import MTModel
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -48,7 +48,7 @@ def _converted_smollm2() -> Path:
 def _convert_smollm2(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import atomic_write_dir
+    from .io.atomic import atomic_write_dir
 
     package = smollm2_package_dir()
     if package is None:

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import whole_tensor
+from ..errors import EngineError
+
 # Optimizer state tensors that DeepSpeed keeps per parameter for AdamW (torch's and DeepSpeed's own).
 _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-class EngineError(RuntimeError):
-    """An accelerate engine or engine setting mtpeft cannot train with."""
 
 
 @dataclass(frozen=True)
@@ -77,39 +76,6 @@ def configure_deepspeed(accelerator: Any, *, global_batch: int, grad_accum: int,
     config["train_batch_size"] = local * grad_accum * world
     config["gradient_clipping"] = float(max_grad_norm or 0.0)  # 0 disables clipping in DeepSpeed
     accelerator.state.deepspeed_plugin.gradient_accumulation_steps = grad_accum
-
-
-@contextmanager
-def fsdp_root_unsharded(module: nn.Module) -> Iterator[None]:
-    """Keep an FSDP2 root module's own parameters whole inside the block (a no-op for other modules).
-
-    FSDP2 gathers a unit's parameters in a hook on that unit's ``forward``. ``generate`` calls the base model
-    past the root's forward, so the root's parameters (embeddings, output head, final norm) must be gathered
-    here; the decoder layers are units of their own and gather as they run.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(module, FSDPModule):
-        yield
-        return
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
-
-
-def whole_tensor(value: Any) -> Any:
-    """An FSDP2-sharded parameter (a DTensor) as one whole tensor, with gradients; anything else unchanged.
-
-    For regularizers that read adapter weights outside their layer's forward, where FSDP2 holds only this
-    process's shard. Every process computes the same value; the gradient flows back to each process's shard.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    return value
 
 
 @contextmanager
