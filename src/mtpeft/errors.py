@@ -55,3 +55,7 @@ class BenchError(MtpeftError, ValueError):
 
 class SuiteError(MtpeftError, ValueError):
     """An unknown suite name or a malformed custom suite; the message lists what is allowed."""
+
+
+class RunFolderError(MtpeftError, FileNotFoundError):
+    """A folder is not an mtpeft run folder, or lacks what was asked of it (an adapter, a checkpoint)."""

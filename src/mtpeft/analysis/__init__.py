@@ -11,7 +11,8 @@ Each diagnostic is a :class:`Diagnostic` (a table, JSON data and a plot); the bu
 :func:`routing_stats`...) work on plain tensors too. Command line: ``mtpeft analyze RUN_DIR``.
 """
 
-from .api import DIAGNOSTICS, analyze_model, analyze_run, check_diagnostics, load_run, write_analysis
+from ..runs import load_run
+from .api import DIAGNOSTICS, analyze_model, analyze_run, check_diagnostics, write_analysis
 from .common import Diagnostic, task_batches
 from .gradients import TaskGradients, collect_task_gradients, cosine, gradient_conflict
 from .routers import (

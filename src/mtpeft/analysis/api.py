@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..runs import load_run
 from .common import BatchesByTask, Diagnostic, task_batches
 from .gradients import collect_task_gradients, gradient_conflict
 from .routers import router_diagnostic
@@ -95,16 +96,6 @@ def write_analysis(diagnostics: Sequence[Diagnostic], out_dir: str | os.PathLike
     summary = {d.name: {"applicable": d.applicable, "note": d.note, "files": files[d.name]} for d in diagnostics}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return {"report": str(out / "report.md"), "summary": str(out / "summary.json"), "files": files}
-
-
-def load_run(run_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """The run config, tokenizer and trained MTModel of a run folder (as ``mtpeft eval`` loads it)."""
-    from ..cli import _load_run
-
-    try:
-        return _load_run(str(run_dir))
-    except SystemExit as exc:  # the CLI helper exits with a message; the API raises
-        raise FileNotFoundError(str(exc).removeprefix("error: ")) from None
 
 
 def analyze_run(

@@ -9,32 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..runs import load_run
+
 SET_HELP = "Override a run-config key, e.g. --set train.lr=1e-4 --set method.r=16 (repeatable)."
-
-
-def _load_run(run_dir: str) -> tuple[Any, Any, Any]:
-    """The run config, tokenizer and trained MTModel of a finished run folder."""
-    from ..base_models import load_run_base_model, load_tokenizer
-    from ..model import MTModel
-    from ..training.run_config import load_run_config
-
-    run = Path(run_dir)
-    cfg_file = run / "run_config.yaml"
-    if not cfg_file.is_file():
-        raise SystemExit(f"error: {cfg_file} not found: {run} is not an mtpeft run folder")
-    cfg = load_run_config(cfg_file)
-    adapter = run / "adapter"
-    if not adapter.is_dir():
-        from ..training.trainer import checkpoint_dirs
-
-        ckpts = checkpoint_dirs(run)
-        if not ckpts:
-            raise SystemExit(f"error: {run} has neither a final adapter nor a checkpoint")
-        adapter = ckpts[-1] / "adapter"
-        print(f"note: no final adapter; using the latest checkpoint {adapter}", file=sys.stderr)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    base = load_run_base_model(cfg.model)
-    return cfg, tokenizer, MTModel.from_pretrained(base, adapter)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -75,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.evaluator import evaluate
     from ..training.trainer import load_tasks, resolve_task_specs
 
-    cfg, tokenizer, model = _load_run(args.run_dir)
+    cfg, tokenizer, model = load_run(args.run_dir)
     specs = resolve_task_specs(cfg)
     if args.tasks:
         wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -95,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    cfg, tokenizer, model = _load_run(args.run_dir)
+    cfg, tokenizer, model = load_run(args.run_dir)
     out = Path(args.out)
     if args.format == "peft":
         report = model.export_peft(out, task=args.task, rank=args.rank)
@@ -116,7 +93,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from ..data.collator import encode_prompts, eos_token_id
 
-    cfg, tokenizer, model = _load_run(args.run_dir)
+    cfg, tokenizer, model = load_run(args.run_dir)
     model.eval()
     task_id = model.task_index(args.task) if model.tasks else None
     batch = encode_prompts(tokenizer, args.text, max_length=cfg.data.max_length)
@@ -222,11 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtpeft`` command."""
-    from ..config import ConfigError
-    from ..data.loaders import DataFormatError
-    from ..model import AdapterLoadError, MergeError
-    from ..training.run_config import RunConfigError
-    from ..training.trainer import TrainingError, TrainingInterrupted
+    from ..errors import MtpeftError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -234,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:  # 128 + SIGINT, as shells report an interrupted command
         print(f"error: {exc}", file=sys.stderr)
         return 130
-    except (RunConfigError, ConfigError, DataFormatError, AdapterLoadError, MergeError, TrainingError,
-            FileNotFoundError, ValueError) as exc:
+    except (MtpeftError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("MTPEFT_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

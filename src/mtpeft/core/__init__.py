@@ -1,1 +1,2 @@
-"""The core every method builds on: task context, the adapter layer base, target matching, quantization, distributed helpers."""
+"""The core every method builds on: task context, the adapter layer base, target matching, quantization and
+distributed helpers."""
