@@ -1,11 +1,11 @@
 """Soak test: a long training run on a tiny model, watching for leaks and slow-downs (not part of CI).
 
 A tiny random Llama (the SmolLM2 tokenizer, 2 layers of width 32) trains on two generated toy tasks for
-``--steps`` optimizer steps through the real :class:`mtpeft.training.trainer.Trainer`: mixed-task batches, metrics
-log, checkpoints every ``--save-every`` steps with rotation, and the final adapter and evaluation. Every
-``--sample-every`` steps it records the process's resident memory (RSS), the mean step time since the last
-sample, open file descriptors, live Python objects and what the run folder holds (checkpoints, leftover
-temp folders, size on disk). It prints a table and writes ``soak.json`` and ``soak.md`` to ``--out``.
+``--steps`` optimizer steps through the real :class:`mtpeft.training.trainer.MultiTaskTrainer`: mixed-task
+batches, metrics log, checkpoints every ``--save-every`` steps with rotation, and the final adapter and
+evaluation. Every ``--sample-every`` steps it records the process's resident memory (RSS), the mean step time
+since the last sample, open file descriptors, live Python objects and what the run folder holds (checkpoints,
+leftover temp folders, size on disk). It prints a table and writes ``soak.json`` and ``soak.md`` to ``--out``.
 
     python benchmarks/soak.py --steps 10000 --out benchmarks/results/soak
     python benchmarks/soak.py --steps 300 --sample-every 50 --out /tmp/soak   # a quick look
@@ -33,8 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import mtpeft  # noqa: E402
+from mtpeft.training.checkpoint import CHECKPOINTS, checkpoint_dirs  # noqa: E402
 from mtpeft.training.run_config import run_config_from_dict  # noqa: E402
-from mtpeft.training.trainer import CHECKPOINTS, Trainer, checkpoint_dirs  # noqa: E402
+from mtpeft.training.trainer import MultiTaskTrainer  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     files = write_toy_tasks(work / "data", args.examples, seed=args.seed)
     tokenizer = load_tokenizer("smollm2")
     cfg = run_config_from_dict(run_config(args, work, files))
-    trainer = Trainer(cfg, tokenizer=tokenizer, base_model=tiny_base(tokenizer), progress=False)
+    trainer = MultiTaskTrainer(cfg, tokenizer=tokenizer, base_model=tiny_base(tokenizer), progress=False)
     run = Path(cfg.output_dir)
     sampler = Sampler(args.sample_every, run)
     real_set_global_step = trainer.model.set_global_step

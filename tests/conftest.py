@@ -10,6 +10,10 @@ import torch
 
 TASKS = ["sst2", "rte", "cola"]
 REPO = Path(__file__).resolve().parents[1]
+# The library takes its data root from configuration only (data.root or $MTPEFT_DATA_ROOT). The tests use the
+# shared data beside the checkout where it exists and the variable is unset; CLI subprocesses inherit it.
+if "MTPEFT_DATA_ROOT" not in os.environ and (REPO.parent / "shared" / "data").is_dir():
+    os.environ["MTPEFT_DATA_ROOT"] = str(REPO.parent / "shared" / "data")
 DATA_ROOT = Path(os.environ.get("MTPEFT_DATA_ROOT", REPO.parent / "shared" / "data"))
 ARCHS = ["llama", "qwen2", "gemma", "bert"]
 

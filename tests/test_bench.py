@@ -21,7 +21,8 @@ from mtpeft.bench import (
     validate_methods,
     write_report,
 )
-from mtpeft.bench.runner import split_overrides, unseen_task_id
+from mtpeft.bench.options import split_overrides
+from mtpeft.bench.scoring import unseen_task_id
 from mtpeft.bench.suites import QUICK_BBH_TASKS, SuiteSetting
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHS, TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.config import get_method
+from mtpeft.registry import get_method
 
 METHODS = mtpeft.available_methods()
 MERGEABLE = [m for m in METHODS if get_method(m).merge != "none"]

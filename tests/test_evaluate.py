@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtpeft.data.tasks import Example, TaskSpec
-from mtpeft.evaluation.evaluator import EvalResult, compare_table, evaluate, generate_predictions, score_options
+from mtpeft.evaluation import EvalResult, compare_table, evaluate, generate_predictions, score_options
 
 
 def char_tokenizer():  # noqa: ANN201

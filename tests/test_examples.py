@@ -8,8 +8,8 @@ import pytest
 from conftest import DATA_ROOT, REPO, accelerate_launch_env
 
 import mtpeft
+from mtpeft.data.resolve import resolve_task_specs
 from mtpeft.training.run_config import load_run_config, run_config_from_dict
-from mtpeft.training.trainer import resolve_task_specs
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 

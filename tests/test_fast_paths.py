@@ -7,7 +7,7 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.model import linear_cross_entropy
+from mtpeft.core.loss import linear_cross_entropy
 
 
 def assert_chunked_loss_matches_model_loss(model, chunk: int, grad_atol: float, **inputs) -> None:
@@ -43,8 +43,8 @@ def test_chunked_label_only_loss_equals_model_loss_and_gradients(arch, method):
 @pytest.mark.parametrize("cpu_block_cap", [False, True])
 def test_linear_cross_entropy_equals_plain_loss_and_gradients(chunk, bias, cpu_block_cap, monkeypatch):
     if cpu_block_cap:  # blocks of 200 // 40 = 5 rows whatever the chunk
-        monkeypatch.setattr("mtpeft.model._CPU_BLOCK_ELEMENTS", 200)
-        monkeypatch.setattr("mtpeft.model._CPU_MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr("mtpeft.core.loss._CPU_BLOCK_ELEMENTS", 200)
+        monkeypatch.setattr("mtpeft.core.loss._CPU_MIN_BLOCK_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)

@@ -29,10 +29,12 @@ import yaml
 from conftest import REPO, toy_run_config
 from safetensors.torch import load_file
 
+import mtpeft.training.checkpoint as checkpoint_mod
 import mtpeft.training.trainer as train_mod
-from mtpeft.model import WEIGHTS_NAME
+from mtpeft.io.adapter import WEIGHTS_NAME
+from mtpeft.training.checkpoint import checkpoint_dirs
 from mtpeft.training.run_config import run_config_from_dict
-from mtpeft.training.trainer import STEP_DELAY_ENV, Trainer, TrainingError, checkpoint_dirs, train
+from mtpeft.training.trainer import STEP_DELAY_ENV, MultiTaskTrainer, TrainingError, train
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -75,13 +77,14 @@ import accelerate  # noqa: E402
 import torch  # noqa: E402
 
 import mtpeft.data.mixing as mixing  # noqa: E402
-import mtpeft.model as model_mod  # noqa: E402
+import mtpeft.io.adapter as model_mod  # noqa: E402
+import mtpeft.training.checkpoint as checkpoint_mod  # noqa: E402
 import mtpeft.training.trainer as train_mod  # noqa: E402
 from mtpeft.training.run_config import load_run_config  # noqa: E402
 
 files = {"adapter_weights": (model_mod, "adapter_model.safetensors"),
          "final_adapter": (model_mod, "adapter_model.safetensors"),
-         "optimizer": (train_mod, "optimizer.safetensors"), "rng": (train_mod, "rng.safetensors")}
+         "optimizer": (checkpoint_mod, "optimizer.safetensors"), "rng": (checkpoint_mod, "rng.safetensors")}
 if point in files:
     module, name = files[point]
     real_save = module.save_file
@@ -139,7 +142,7 @@ else:
     elif point == "optimizer_step":  # after the update, before the scheduler step and the step count
         torch.optim.AdamW.step = counted(torch.optim.AdamW.step, before=False)
     elif point == "metrics_log":  # a torn metrics line
-        real_log = train_mod.Trainer._log
+        real_log = train_mod.MultiTaskTrainer._log
 
         def log(path, record):
             if record.get("step") == n and "loss" in record:
@@ -148,7 +151,7 @@ else:
                 die()
             real_log(path, record)
 
-        train_mod.Trainer._log = staticmethod(log)
+        train_mod.MultiTaskTrainer._log = staticmethod(log)
     else:
         raise SystemExit(f"unknown kill point {point}")
 
@@ -368,7 +371,7 @@ def _read_only(monkeypatch, folder: Path) -> None:
                                    "eacces_publish"])
 def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_last_good_one(tmp_path, tiny_model_dir,
                                                                                reference, monkeypatch, fault):
-    import mtpeft.model as model_mod
+    import mtpeft.io.adapter as model_mod
 
     cfg = _config(tmp_path, tiny_model_dir)
     run = Path(cfg["output_dir"])
@@ -377,7 +380,7 @@ def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_last_good_one(t
     undo = []
 
     if fault in ("enospc_optimizer", "enospc_adapter"):
-        module = train_mod if fault == "enospc_optimizer" else model_mod
+        module = checkpoint_mod if fault == "enospc_optimizer" else model_mod
         real = module.save_file
 
         def save_file(tensors, filename, *args, **kwargs):
@@ -434,7 +437,7 @@ def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_last_good_one(t
 
 
 def test_a_failing_final_adapter_write_is_a_training_error(tmp_path, tiny_model_dir, reference, monkeypatch):
-    import mtpeft.model as model_mod
+    import mtpeft.io.adapter as model_mod
 
     cfg = _config(tmp_path, tiny_model_dir)
     run = Path(cfg["output_dir"])
@@ -477,7 +480,7 @@ def test_a_failing_metrics_log_write_is_a_training_error(tmp_path, tiny_model_di
 def test_nan_in_an_auxiliary_loss_stops_the_run(tmp_path, tiny_model_dir):
     cfg = run_config_from_dict(_config(tmp_path, tiny_model_dir, steps=6) | {"method": {
         "method": "align_lora", "r": 4, "alpha": 8}})
-    trainer = Trainer(cfg, progress=False)
+    trainer = MultiTaskTrainer(cfg, progress=False)
     spec = trainer.model.method
     calls = {"n": 0}
 
@@ -525,7 +528,7 @@ def test_save_pretrained_refuses_a_non_finite_adapter(tmp_path, bad):
 def test_inf_gradients_with_a_finite_loss_never_reach_a_checkpoint(tmp_path, tiny_model_dir, policy):
     """Gradient overflow at a save step: the weights would turn NaN; the run stops (never hangs or saves)."""
     cfg = run_config_from_dict(_config(tmp_path, tiny_model_dir, steps=6, nan_policy=policy))
-    trainer = Trainer(cfg, progress=False)
+    trainer = MultiTaskTrainer(cfg, progress=False)
     _, param = trainer.model.trainable_parameters()[0]
     calls = {"n": 0}
 

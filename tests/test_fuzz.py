@@ -33,14 +33,23 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mtpeft
-from mtpeft.config import AdapterConfig, ConfigError, available_methods, config_from_dict, get_method
+from mtpeft.config import AdapterConfig, ConfigError
 from mtpeft.data.collator import IGNORE_INDEX, TRUNCATION_POLICIES, MultiTaskCollator, TruncationError
 from mtpeft.data.loaders import DataFormatError, read_records
 from mtpeft.data.mixing import MixtureSampler
+from mtpeft.data.resolve import resolve_task_specs
 from mtpeft.data.tasks import Example, TaskSpec, TaskSpecError, load_task, load_tasks
 from mtpeft.model import AdapterLoadError, MTModel
-from mtpeft.training.run_config import _SECTIONS, RunConfig, RunConfigError, load_run_config, run_config_from_dict
-from mtpeft.training.trainer import TrainingError, method_config_for, resolve_task_specs
+from mtpeft.registry import available_methods, config_from_dict, get_method
+from mtpeft.training.run_config import (
+    _SECTIONS,
+    RunConfig,
+    RunConfigError,
+    load_run_config,
+    method_config_for,
+    run_config_from_dict,
+)
+from mtpeft.training.trainer import TrainingError
 
 pytestmark = pytest.mark.xdist_group("fuzz")  # one worker runs the module, so its tally is complete
 

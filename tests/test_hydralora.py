@@ -10,7 +10,8 @@ import torch
 from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 
 import mtpeft
-from mtpeft.methods.hydralora import HydraLoRALinear, balance_loss, cv_squared, routed_up, routing_statistics
+from mtpeft.core.routing import balance_loss, cv_squared, routed_up, routing_statistics
+from mtpeft.methods.hydralora import HydraLoRALinear
 
 
 def make(arch: str = "llama", **overrides):

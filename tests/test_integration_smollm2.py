@@ -14,6 +14,12 @@ from mtpeft.base_models import load_base_model, load_tokenizer
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2")]
 
 
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """Equal within fp32 arithmetic over 30 layers: the tolerance is relative to the largest logit, since the
+    summation order (merged weights, PEFT's layer order, the thread count) changes the last bits at that scale."""
+    torch.testing.assert_close(actual, expected, atol=rel * expected.abs().max().item(), rtol=0)
+
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     return load_base_model(str(smollm2_dir)).eval(), load_tokenizer(str(smollm2_dir))
@@ -30,18 +36,19 @@ def test_smollm2_identity_merge_and_peft_export(smollm2, tmp_path):
     cfg = mtpeft.MTLLoRAConfig(tasks=["a", "b"], r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     model = mtpeft.get_mt_model(copy.deepcopy(base), cfg).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch, task_ids=[0, 1]).logits, reference, atol=1e-5, rtol=0)
+        assert_logits_close(model(**batch, task_ids=[0, 1]).logits, reference, rel=1e-6)  # B = 0: the base exactly
         g = torch.Generator().manual_seed(0)
         for _, p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
         adapted = model(**batch, task_ids=["b", "b"]).logits
     assert (adapted - reference).abs().max() > 1e-3
+    assert (adapted - reference).abs().max() > 100 * 2e-5 * reference.abs().max()  # far above the tolerance
     model.export_peft(tmp_path / "peft_b", task="b")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft_b")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(**batch).logits, adapted, atol=1e-4, rtol=0)
+        assert_logits_close(peft_model(**batch).logits, adapted, rel=2e-5)
         merged = model.merge_and_unload(task="b")
-        torch.testing.assert_close(merged(**batch).logits, adapted, atol=1e-4, rtol=0)
+        assert_logits_close(merged(**batch).logits, adapted, rel=2e-5)
 
 
 def test_smollm2_learns_three_real_bbh_tasks(smollm2_dir, data_root, tmp_path):

@@ -12,7 +12,8 @@ from conftest import TASKS, perturb_adapters, tiny_batch, tiny_model
 from torch import nn
 
 import mtpeft
-from mtpeft.methods.hydralora import HydraLoRALinear, spectral_paper, spectral_released
+from mtpeft.core.spectral import spectral_paper, spectral_released
+from mtpeft.methods.hydralora import HydraLoRALinear
 from mtpeft.methods.mtlora import BlockAdapter, spectral_due
 
 

@@ -16,8 +16,9 @@ import yaml
 from conftest import REPO, toy_run_config
 from safetensors.torch import load_file
 
+from mtpeft.training.checkpoint import checkpoint_dirs
 from mtpeft.training.run_config import RunConfigError, load_run_config, run_config_from_dict
-from mtpeft.training.trainer import STEP_DELAY_ENV, TrainingError, checkpoint_dirs, train
+from mtpeft.training.trainer import STEP_DELAY_ENV, TrainingError, train
 
 pytestmark = pytest.mark.xdist_group("train")
 
@@ -50,9 +51,9 @@ def test_resume_equals_uninterrupted_run_exactly(tmp_path, tiny_model_dir, metho
     train(full, progress=False)
     # The interrupted run: Ctrl-C arrives while step 5 draws its batch, after checkpoint 4 was written.
     part = toy_run_config(tmp_path / "b", tiny_model_dir, method=method)
-    from mtpeft.training.trainer import Trainer
+    from mtpeft.training.trainer import MultiTaskTrainer
 
-    trainer = Trainer(run_config_from_dict(part), progress=False)
+    trainer = MultiTaskTrainer(run_config_from_dict(part), progress=False)
     draw = trainer.sampler.next_batch
     calls = {"n": 0}
 
@@ -110,9 +111,9 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_adapter(tmp_pa
 
 def _poisoned_trainer(cfg, monkeypatch, at_call: int, factor: float):
     """A Trainer whose model's ``at_call``-th forward returns its loss times ``factor`` (nan or inf)."""
-    from mtpeft.training.trainer import Trainer
+    from mtpeft.training.trainer import MultiTaskTrainer
 
-    trainer = Trainer(cfg, progress=False)
+    trainer = MultiTaskTrainer(cfg, progress=False)
     forward = trainer.model.forward
     calls = {"n": 0}
 

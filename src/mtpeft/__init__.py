@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .config import AdapterConfig, ConfigError, MethodSpec, available_methods, config_from_dict, register_method
+from . import methods  # noqa: F401  (importing the package registers the built-in methods)
+from .config import AdapterConfig
+from .errors import AdapterLoadError, ConfigError, MergeError, MtpeftError
 from .methods.align_lora import AlignLoRAConfig
 from .methods.hydralora import HydraLoRAConfig
 from .methods.lora import LoRAConfig
@@ -11,7 +13,8 @@ from .methods.mtl_lora import MTLLoRAConfig
 from .methods.mtlora import MtLoRAConfig
 from .methods.ta_lora import TALoRAConfig
 from .methods.thanora import ThanoRAConfig
-from .model import AdapterLoadError, MergeError, MTModel, get_mt_model
+from .model import MTModel, get_mt_model
+from .registry import MethodSpec, available_methods, config_from_dict, register_method
 
 __all__ = [
     "AdapterConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "MergeError",
     "MethodSpec",
     "MoELoRAConfig",
+    "MtpeftError",
     "MtLoRAConfig",
     "TALoRAConfig",
     "ThanoRAConfig",

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .core.quant import keep_standard_4bit_layout
+
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -140,6 +142,8 @@ def load_base_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", 
         device = None  # placed by device_map; a quantized model cannot be moved afterwards
     model = auto[task].from_pretrained(resolve_model_path(name_or_path), dtype=dtype,
                                        trust_remote_code=trust_remote_code, **kwargs)
+    if quantization == "4bit":  # evaluation, training and merging compute with one weight layout on every CPU
+        keep_standard_4bit_layout(model)
     if device is not None:
         model.to(device)
     return model

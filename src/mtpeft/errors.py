@@ -59,3 +59,7 @@ class SuiteError(MtpeftError, ValueError):
 
 class RunFolderError(MtpeftError, FileNotFoundError):
     """A folder is not an mtpeft run folder, or lacks what was asked of it (an adapter, a checkpoint)."""
+
+
+class UsageError(MtpeftError, ValueError):
+    """A command-line argument asks for something that does not exist (a task the run does not have)."""

@@ -1,53 +1,43 @@
-"""MTModel: adapter injection, task-id plumbing, auxiliary losses, save/load, merge and export."""
+"""MTModel: adapter injection, task-id plumbing, auxiliary losses and merge (save/load in :mod:`mtpeft.io.adapter`,
+exports in :mod:`mtpeft.io.export`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, config_from_dict, get_method
+from .config import AdapterConfig
+from .core.context import TaskContext
 from .core.distributed import fsdp_root_unsharded
-from .core.layers import LinearAdapter, TaskContext
-from .core.quant import dense_linear, dequantize_rest, is_quantized
+from .core.layers import AdapterLayer, LinearAdapter
+from .core.loss import can_chunk_loss, chunked_causal_lm_loss
+from .core.quant import dense_linear, dequantize_rest, is_quantized, keep_standard_4bit_layout
 from .core.targets import find_target_linears, set_submodule
-from .errors import AdapterLoadError, MergeError
-from .io.atomic import atomic_write_dir
-
-CONFIG_NAME = "mtpeft_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
+from .core.wrapping import DelegatingModule
+from .errors import AdapterLoadError, ConfigError, MergeError
+from .io.adapter import CONFIG_NAME, check_adapter_state, read_adapter, save_adapter
+from .registry import config_from_dict, get_method
 
 TaskIds = torch.Tensor | Sequence[int] | Sequence[str] | int | str | None
 
 
-def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies the base model an adapter was made for."""
-    cfg = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-            "num_attention_heads", "num_key_value_heads")
-    out = {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
-    out["class"] = type(model).__name__
-    out["name_or_path"] = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
-    return out
-
-
-class MTModel(nn.Module):
+class MTModel(DelegatingModule):
     """A Hugging Face model with multi-task adapters injected in place and the base frozen.
 
     Use :func:`get_mt_model` to build one and :meth:`from_pretrained` to load a saved adapter.
     ``forward`` and ``generate`` take ``task_ids`` per sample (a LongTensor, a list of ids or task names, or
     one id/name for the whole batch). ``out.loss`` is the model loss plus the method's weighted auxiliary
-    losses (in training mode); ``out.aux_losses`` holds the unweighted terms for logging.
+    losses (in training mode); ``out.aux_losses`` holds the unweighted terms for logging. Unknown attributes
+    fall through to the base model.
     """
+
+    delegate_to = "base_model"
 
     def __init__(self, base_model: nn.Module, adapter_config: AdapterConfig) -> None:
         super().__init__()
@@ -57,6 +47,7 @@ class MTModel(nn.Module):
         self.context = TaskContext()
         for p in base_model.parameters():
             p.requires_grad_(False)
+        keep_standard_4bit_layout(base_model)  # bitsandbytes' CPU inference layout has no autograd
         self.adapter_layers: dict[str, nn.Module] = self._inject()
         self._saved_module_names = self._unfreeze_modules_to_save()
         # Causal-LM loss from the hidden states of labelled positions only, in chunks (0 = the model's own loss).
@@ -166,14 +157,6 @@ class MTModel(nn.Module):
         """Tell periodic regularizers which optimizer step is next (the trainer calls this)."""
         self.context.global_step = int(step)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
     # --- task ids -----------------------------------------------------------------------------------
     def task_index(self, task: int | str) -> int:
         """The id of a task given its name or id; errors name the task and the configured tasks."""
@@ -230,8 +213,10 @@ class MTModel(nn.Module):
         ids = self.resolve_task_ids(task_ids, ref.shape[0], ref.device, training=self.training)
         collect = self.training and self.method.aux_losses is not None and torch.is_grad_enabled()
         self._set_context(ids, attention_mask, collect)
-        if self.loss_chunk_size and kwargs.get("labels") is not None and self._can_chunk_loss():
-            out = self._chunked_lm_loss(input_ids, attention_mask, **kwargs)
+        if self.loss_chunk_size and kwargs.get("labels") is not None and can_chunk_loss(self.base_model):
+            # the loss from labelled positions only, in chunks, without the (batch, seq, vocab) logits
+            out = chunked_causal_lm_loss(self.base_model, input_ids, attention_mask, chunk=self.loss_chunk_size,
+                                         **kwargs)
         else:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         aux: dict[str, torch.Tensor] = {}
@@ -251,48 +236,10 @@ class MTModel(nn.Module):
             out.aux_losses = aux
         return out
 
-    def _can_chunk_loss(self) -> bool:
-        base = self.base_model
-        cfg = getattr(base, "config", None)
-        return (type(base).__name__.endswith("ForCausalLM") and hasattr(base, "get_decoder")
-                and base.get_output_embeddings() is not None
-                and getattr(cfg, "final_logit_softcapping", None) is None
-                and getattr(cfg, "logit_scale", None) is None)
-
-    def _chunked_lm_loss(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                         labels: torch.Tensor, **kwargs: Any) -> Any:
-        """The causal-LM loss computed from labelled positions only, chunk by chunk.
-
-        Prompt tokens need no logits in supervised fine-tuning, and the full (batch, seq, vocab) logits
-        tensor is what dominates memory: :func:`linear_cross_entropy` computes each chunk's logits, loss and
-        gradient at once and keeps none of them. Equals the model's mean token cross-entropy (the summed one
-        over ``num_items_in_batch`` when given); ``out.logits`` is None.
-        """
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        num_items = kwargs.pop("num_items_in_batch", None)
-        decoder_out = self.base_model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = decoder_out[0][:, :-1]
-        targets = labels[:, 1:].to(hidden.device)
-        keep = targets != -100
-        hidden, targets = hidden[keep], targets[keep]
-        head = self.base_model.get_output_embeddings()
-        if isinstance(head, nn.Linear) and head.weight.dtype.is_floating_point:
-            total = linear_cross_entropy(hidden, head.weight, head.bias, targets, self.loss_chunk_size)
-        else:  # a head that is not a plain dense linear (a quantized one): its own forward, in one block
-            total = nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
-        # ``num_items_in_batch`` (the transformers convention) replaces the local label count, e.g. by the
-        # global count over the data-parallel processes divided by their number.
-        denominator = num_items if num_items is not None else max(int(keep.sum()), 1)
-        if torch.is_tensor(denominator):
-            denominator = denominator.to(total.device)
-        return CausalLMOutputWithPast(loss=total / denominator, logits=None)
-
     def _clear_caches(self) -> None:
         for layer in self.adapter_layers.values():
-            clear = getattr(layer, "clear_cache", None)
-            if callable(clear):
-                clear()
+            if isinstance(layer, AdapterLayer):
+                layer.clear_cache()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -346,62 +293,19 @@ class MTModel(nn.Module):
 
         ``state_dict`` replaces the model's own adapter tensors, e.g. whole tensors gathered from a sharded run.
         """
-        source = self.adapter_state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-        for key, value in state.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"refusing to save a non-finite adapter: {key} has NaN or inf values")
-        record = {
-            "adapter": self.adapter_config.to_dict(),
-            "base_model": base_model_fingerprint(self.base_model),
-            "mtpeft_version": _version(),
-            **(metadata or {}),
-        }
-
-        def write(tmp: Path) -> None:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-
-        return atomic_write_dir(path, write)
+        state = self.adapter_state_dict() if state_dict is None else state_dict
+        return save_adapter(path, state, self.adapter_config, self.base_model, metadata)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
                         strict_base: bool = True) -> MTModel:
         """Load a saved adapter onto ``base_model``; refuses pickle files and adapters made for another base."""
-        path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            pickles = [p.name for p in path.glob("*") if p.suffix in _PICKLE_SUFFIXES] if path.is_dir() else []
-            hint = f" (found pickle files {pickles}: mtpeft loads safetensors only)" if pickles else ""
-            raise AdapterLoadError(f"{config_file} not found: not an mtpeft adapter folder{hint}")
-        try:
-            record = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AdapterLoadError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise AdapterLoadError(f"{config_file}: not a readable JSON file ({exc})") from exc
-        if not isinstance(record, dict) or "adapter" not in record:
-            raise AdapterLoadError(f"{config_file}: expected a JSON object with an 'adapter' key")
-        if not isinstance(record.get("base_model", {}), dict):
-            raise AdapterLoadError(f"{config_file}: 'base_model' must be an object (the base model's fingerprint)")
-        try:
-            adapter_config = config_from_dict(record["adapter"])
-        except (ConfigError, TypeError) as exc:
-            raise AdapterLoadError(f"{config_file}: {exc}") from exc
-        if strict_base:
-            _check_fingerprint(record.get("base_model", {}), base_model_fingerprint(base_model), config_file)
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise AdapterLoadError(f"{weights} not found (mtpeft stores adapters as safetensors only)")
-        try:  # safetensors never unpickles: a pickle (or anything else) under this name fails to parse
-            state = load_file(str(weights))
-        except Exception as exc:
-            raise AdapterLoadError(f"{weights}: not a valid safetensors file ({exc}); mtpeft loads safetensors "
-                                   f"only and never unpickles weights") from exc
+        adapter_config, state, weights = read_adapter(path, base_model, strict_base=strict_base)
         try:
             model = cls(base_model, adapter_config)
         except ConfigError as exc:
-            raise AdapterLoadError(f"{config_file}: the adapter does not fit this base model: {exc}") from exc
+            source = Path(path) / CONFIG_NAME
+            raise AdapterLoadError(f"{source}: the adapter does not fit this base model: {exc}") from exc
         model.load_adapter_state_dict(state, source=str(weights))
         if not is_trainable:
             model.eval()
@@ -411,22 +315,7 @@ class MTModel(nn.Module):
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load adapter tensors; a missing key or a shape mismatch names the module and both shapes."""
-        own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if unexpected:
-            raise AdapterLoadError(f"{source}: tensors for modules this base model does not have (or that this "
-                                   f"method does not use): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if missing:
-            raise AdapterLoadError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for key, value in state.items():
-            if tuple(own[key].shape) != tuple(value.shape):
-                module = key.rsplit(".", 1)[0]
-                raise AdapterLoadError(
-                    f"{source}: module {module!r} has shape {tuple(own[key].shape)} in this base model for "
-                    f"{key.rsplit('.', 1)[-1]!r}, but the adapter has {tuple(value.shape)}: it was made for a "
-                    f"different base model"
-                )
+        check_adapter_state(self.adapter_state_dict(), state, source)
         params = dict(self.base_model.named_parameters())
         buffers = dict(self.base_model.named_buffers())
         with torch.no_grad():
@@ -445,6 +334,7 @@ class MTModel(nn.Module):
         return spec.merge_for(self.adapter_config) if spec.merge_for is not None else spec.merge
 
     def _merge_task(self, task: int | str | None) -> int | None:
+        """The validated task id of a merge or exact export (None: the global one)."""
         method = self.method
         kind = self.merge_kind
         if kind == "none":
@@ -459,6 +349,14 @@ class MTModel(nn.Module):
         if task is None:
             return None
         return self.task_index(task)
+
+    def lora_factors(self, task: int | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The exact plain-LoRA factors ``{module: (A, B)}`` (scale folded into B, detached) of every adapted
+        linear for ``task``: what a merge adds and a PEFT export writes. A MergeError for a method that does
+        not merge, or a per-task one without ``task``."""
+        tid = self._merge_task(task)
+        layers = self._linear_layers()
+        return {name: tuple(f.detach() for f in layer.lora_factors(tid)) for name, layer in layers.items()}
 
     @torch.no_grad()
     def merge_and_unload(self, task: int | str | None = None) -> nn.Module:
@@ -491,84 +389,6 @@ class MTModel(nn.Module):
         from .io.export import export_peft
 
         return export_peft(self, path, task=task, rank=rank, calibration=calibration)
-
-
-# On CPU a block's (rows, vocab) fp32 logits stay under 16 MiB where the vocabulary allows: glibc malloc serves
-# blocks of up to 32 MiB from its heap and reuses them, while each larger one is a fresh mmap whose pages fault
-# and are zeroed on first touch (measured: 1016 x 8192 logits in one block made a tiny-Llama training step ~6%
-# slower than blocks of 512 rows). At least 64 rows per block, so that each pass over the head weight is shared.
-_CPU_BLOCK_ELEMENTS = 1 << 22
-_CPU_MIN_BLOCK_ROWS = 64
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T + bias`` whose gradients are computed in the forward pass.
-
-    The loss is the last op of the graph, so its gradient is known up to the scalar ``grad_output`` while the
-    logits are at hand: each chunk's logits become softmax minus one-hot in place and are multiplied back into
-    gradients at once. No (tokens, vocab) tensor is kept for backward or recomputed; the log-softmax backward
-    kernel and the zero-filled nll gradient of the plain path are skipped.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, grad_enabled: bool) -> torch.Tensor:
-        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        need_any = need_h or need_w or need_b
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        if hidden.device.type == "cpu":  # see _CPU_BLOCK_ELEMENTS
-            chunk = min(chunk, max(_CPU_MIN_BLOCK_ROWS, _CPU_BLOCK_ELEMENTS // weight.shape[0]))
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            log_probs = torch.log_softmax(nn.functional.linear(h, weight, bias).float(), dim=-1)
-            total -= log_probs.gather(1, y[:, None]).sum()
-            if not need_any:
-                continue
-            dlogits = log_probs.exp_()  # softmax - onehot: d(summed loss) / d logits
-            del log_probs
-            dlogits[torch.arange(y.shape[0], device=y.device), y] -= 1
-            dlogits = dlogits.to(hidden.dtype)
-            if need_h:
-                torch.mm(dlogits, weight, out=grad_h[start:start + chunk])
-            if need_w:
-                grad_w += (dlogits.t() @ h).float()
-            if need_b:
-                grad_b += dlogits.float().sum(0)
-            del dlogits
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        grad_h, grad_w, grad_b = (None if g is None else (g * grad_output).to(dtype)
-                                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-        return grad_h, grad_w, grad_b, None, None, None
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")`` (fp32) in chunks of
-    ``chunk`` rows, with its gradients computed in the forward pass (:class:`_LinearCrossEntropy`)."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(int(chunk), 1), torch.is_grad_enabled())
-
-
-def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
-    diffs = [f"{k}: adapter {saved[k]!r} vs base {current.get(k)!r}" for k in saved
-             if k not in ("name_or_path", "class") and k in current and saved[k] != current[k]]
-    if diffs:
-        raise AdapterLoadError(f"{source}: the adapter was made for another base model "
-                               f"({saved.get('name_or_path') or saved.get('class')}): " + "; ".join(diffs))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def get_mt_model(base_model: nn.Module, config: AdapterConfig | dict[str, Any]) -> MTModel:

@@ -20,8 +20,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
     """
     from .base_models import load_run_base_model, load_tokenizer
     from .model import MTModel
+    from .training.checkpoint import checkpoint_dirs
     from .training.run_config import load_run_config
-    from .training.trainer import checkpoint_dirs
 
     run = Path(run_dir)
     cfg_file = run / RUN_CONFIG_NAME

@@ -116,7 +116,8 @@ def analyze_run(
     diagnostics."""
     import torch
 
-    from ..training.trainer import load_tasks, resolve_task_specs
+    from ..data.resolve import resolve_task_specs
+    from ..data.tasks import load_tasks
 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -127,8 +128,8 @@ def analyze_run(
     specs = resolve_task_specs(cfg)
     if max_tasks is not None:
         specs = specs[:max_tasks]
-    tasks = load_tasks(specs, cfg.data.root)
-    pairs = [(spec, data.train if split == "train" else data.eval) for spec, data in tasks]
+    loaded = load_tasks(specs, cfg.data.root)
+    pairs = [(spec, data.train if split == "train" else data.eval) for spec, data in zip(specs, loaded)]
     batches = task_batches(
         tokenizer,
         pairs,

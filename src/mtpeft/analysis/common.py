@@ -1,9 +1,9 @@
-"""What every diagnostic shares: the :class:`Diagnostic` record (table, JSON, plot) and per-task batches."""
+"""What every diagnostic shares: the :class:`Diagnostic` record (table, JSON, plot), per-task batches and the
+plotting helpers."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..tables import markdown_table
 
 BatchesByTask = dict[str, list[dict[str, torch.Tensor]]]
 
@@ -48,7 +50,7 @@ class Diagnostic:
         if not self.applicable:
             lines.append("Not applicable to this run.")
         elif self.rows:
-            lines.append(md_table(self.header, self.rows))
+            lines.append(markdown_table(self.header, self.rows))
         else:
             lines.append("(no rows)")
         return "\n".join(lines) + "\n"
@@ -92,19 +94,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats are written with 4 significant digits."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend."""
     import matplotlib
@@ -124,6 +113,32 @@ def placeholder_plot(path: Path, title: str, text: str) -> None:
     ax.text(0.5, 0.4, text, ha="center", va="center", wrap=True, fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def two_panel_figure() -> tuple[Any, Any]:
+    """A wide figure with a main panel and a narrower one beside it (for a heatmap): ``(fig, axes)``."""
+    return pyplot().subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+
+
+def heatmap(
+    ax: Any, matrix: list[list[float]], labels: list[str], title: str, vmin: float = -1.0, vmax: float = 1.0
+) -> None:
+    """A task x task matrix as a heatmap with the task names on both axes and a colour bar."""
+    im = ax.imshow(matrix, cmap="coolwarm", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(labels)))
+    ax.set_yticks(range(len(labels)))
+    size = 8 if len(labels) <= 10 else 5
+    ax.set_xticklabels(labels, rotation=90, fontsize=size)
+    ax.set_yticklabels(labels, fontsize=size)
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (PNG, 110 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 def short_name(name: str) -> str:

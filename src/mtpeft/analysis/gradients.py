@@ -9,7 +9,7 @@ directions (negative cosine): training on one then undoes progress on the other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import BatchesByTask, Diagnostic, adapter_parameters, pairs, pyplot, short_name, to_device
+from .common import (
+    BatchesByTask,
+    Diagnostic,
+    adapter_parameters,
+    heatmap,
+    pairs,
+    save_figure,
+    short_name,
+    to_device,
+    two_panel_figure,
+)
 
 
 @dataclass
@@ -40,6 +50,49 @@ class TaskGradients:
         }
 
 
+class BaseWeightGradients:
+    """Accumulates the gradient of the loss with respect to the weight of each given linear-like module,
+    dL/dW = sum over tokens of g x^T (x: the module's input, g: its output gradient), over every backward
+    pass while active: nothing needs the weight itself to require a gradient.
+
+    Use as a context manager around the forward and backward passes; :attr:`grads` holds ``{name: dL/dW}``
+    (float32, d_out x d_in) for the modules whose output took part in a backward; :meth:`reset` empties it.
+    It needs nothing but torch, so that one hook can serve the diagnostics and a method's calibration alike.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                contribution = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                self.grads[name] = self.grads[name] + contribution if name in self.grads else contribution
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def reset(self) -> None:
+        """Forget the gradients accumulated so far."""
+        self.grads.clear()
+
+    def __enter__(self) -> BaseWeightGradients:
+        self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def collect_task_gradients(
     model: nn.Module, batches: BatchesByTask, *, base_layers: Sequence[str] = ()
 ) -> TaskGradients:
@@ -53,53 +106,34 @@ def collect_task_gradients(
     flags = {id(p): p.requires_grad for ps in params.values() for _, p in ps}
     was_training = model.training
     device = next(model.parameters()).device
-    base_grads: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-
-            def on_grad(g: torch.Tensor) -> None:
-                contribution = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                base_grads[name] = base_grads[name] + contribution if name in base_grads else contribution
-
-            output.register_hook(on_grad)
-
-        return hook
-
-    for name in base_layers:
-        hooks.append(model.adapter_layers[name].register_forward_hook(make_hook(name)))
+    capture = BaseWeightGradients({name: model.adapter_layers[name] for name in base_layers})
     out = TaskGradients()
     try:
         for ps in params.values():
             for _, p in ps:
                 p.requires_grad_(True)
         model.eval()
-        for task, task_batches in batches.items():
-            model.zero_grad(set_to_none=True)
-            base_grads.clear()
-            with torch.enable_grad():
-                for batch in task_batches:
-                    loss = model(**to_device(batch, device)).loss
-                    (loss / len(task_batches)).backward()
-            out.adapter[task] = {
-                layer: {
-                    n: (
-                        p.grad.detach().float().cpu().clone()
-                        if p.grad is not None
-                        else torch.zeros(p.shape, dtype=torch.float32)
-                    )
-                    for n, p in ps
+        with capture:
+            for task, task_batches in batches.items():
+                model.zero_grad(set_to_none=True)
+                capture.reset()
+                with torch.enable_grad():
+                    for batch in task_batches:
+                        loss = model(**to_device(batch, device)).loss
+                        (loss / len(task_batches)).backward()
+                out.adapter[task] = {
+                    layer: {
+                        n: (
+                            p.grad.detach().float().cpu().clone()
+                            if p.grad is not None
+                            else torch.zeros(p.shape, dtype=torch.float32)
+                        )
+                        for n, p in ps
+                    }
+                    for layer, ps in params.items()
                 }
-                for layer, ps in params.items()
-            }
-            out.base[task] = {n: (g / len(task_batches)).cpu() for n, g in base_grads.items()}
+                out.base[task] = {n: (g / len(task_batches)).cpu() for n, g in capture.grads.items()}
     finally:
-        for h in hooks:
-            h.remove()
         model.zero_grad(set_to_none=True)
         for ps in params.values():
             for _, p in ps:
@@ -117,6 +151,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(a @ b / (na * nb))
 
 
+def _concat(by_layer: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """A task's gradients of ``layers`` as one vector (a zero vector without layers)."""
+    return torch.cat([by_layer[x].reshape(-1) for x in layers]) if layers else torch.zeros(1)
+
+
 def gradient_conflict(grads: dict[str, dict[str, torch.Tensor]], space: str = "adapter") -> Diagnostic:
     """Per layer: the share of task pairs whose gradients have a negative cosine, and the mean cosine.
 
@@ -131,8 +170,7 @@ def gradient_conflict(grads: dict[str, dict[str, torch.Tensor]], space: str = "a
         cos = []
         for i, j in pairs(len(tasks)):
             if layer is None:
-                a = torch.cat([grads[tasks[i]][x].reshape(-1) for x in layers]) if layers else torch.zeros(1)
-                b = torch.cat([grads[tasks[j]][x].reshape(-1) for x in layers]) if layers else torch.zeros(1)
+                a, b = _concat(grads[tasks[i]], layers), _concat(grads[tasks[j]], layers)
             else:
                 a, b = grads[tasks[i]][layer], grads[tasks[j]][layer]
             c = cosine(a, b)
@@ -159,9 +197,7 @@ def gradient_conflict(grads: dict[str, dict[str, torch.Tensor]], space: str = "a
         )
     matrix = [[1.0 if i == j else float("nan") for j in range(len(tasks))] for i in range(len(tasks))]
     for i, j in pairs(len(tasks)):
-        a = torch.cat([grads[tasks[i]][x].reshape(-1) for x in layers]) if layers else torch.zeros(1)
-        b = torch.cat([grads[tasks[j]][x].reshape(-1) for x in layers]) if layers else torch.zeros(1)
-        c = cosine(a, b)
+        c = cosine(_concat(grads[tasks[i]], layers), _concat(grads[tasks[j]], layers))
         matrix[i][j] = matrix[j][i] = float("nan") if c is None else c
     diag = Diagnostic(
         name="gradient_conflict",
@@ -182,10 +218,9 @@ def gradient_conflict(grads: dict[str, dict[str, torch.Tensor]], space: str = "a
 
 
 def _plot_conflict(diag: Diagnostic, path: Path) -> None:
-    plt = pyplot()
     layers = diag.data["layers"][:-1]
     tasks = diag.data["tasks"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, axes = two_panel_figure()
     xs = list(range(len(layers)))
     axes[0].bar(
         xs,
@@ -203,20 +238,6 @@ def _plot_conflict(diag: Diagnostic, path: Path) -> None:
     axes[0].set_ylabel("% task pairs with negative cosine")
     axes[0].set_xlabel("adapter layer (index; see the table)")
     axes[0].set_title("gradient conflict per layer")
-    _heatmap(axes[1], diag.data["pair_cosine"], tasks, "cosine of task gradients (all layers)", vmin=-1, vmax=1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    heatmap(axes[1], diag.data["pair_cosine"], tasks, "cosine of task gradients (all layers)", vmin=-1, vmax=1)
+    save_figure(fig, path)
 
-
-def _heatmap(
-    ax: Any, matrix: list[list[float]], labels: list[str], title: str, vmin: float = -1.0, vmax: float = 1.0
-) -> None:
-    im = ax.imshow(matrix, cmap="coolwarm", vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(len(labels)))
-    ax.set_yticks(range(len(labels)))
-    size = 8 if len(labels) <= 10 else 5
-    ax.set_xticklabels(labels, rotation=90, fontsize=size)
-    ax.set_yticklabels(labels, fontsize=size)
-    ax.set_title(title, fontsize=9)
-    ax.figure.colorbar(im, ax=ax, fraction=0.046)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import BatchesByTask, Diagnostic, pairs, pyplot, short_name, to_device
+from ..core.layers import AdapterLayer
+from .common import BatchesByTask, Diagnostic, pairs, pyplot, save_figure, short_name, to_device
 
 
 def routing_stats(pi: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
@@ -44,23 +45,14 @@ def mean_routing_stats(pi: torch.Tensor, mask: torch.Tensor | None = None) -> tu
 
 
 def routed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapter layers with a per-token router (they record their routing through ``_cache_routing``)."""
-    from ..methods.hydralora import RoutedExpertsMixin
-
-    out = {}
-    for name, layer in model.adapter_layers.items():
-        if isinstance(layer, RoutedExpertsMixin) and getattr(layer, "gating", "token") != "task":
-            out[name] = layer
-    return out
+    """Adapter layers with a per-token router (``routed`` capability: they report their routing weights to
+    routing observers)."""
+    return {n: m for n, m in model.adapter_layers.items() if isinstance(m, AdapterLayer) and m.routed}
 
 
 def task_gated_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapter layers with one gate per task (MoE-LoRA gating='task')."""
-    return {
-        n: m
-        for n, m in model.adapter_layers.items()
-        if getattr(m, "gating", None) == "task" and hasattr(m, "task_gate")
-    }
+    """Adapter layers with one gate per task (``task_gated`` capability: MoE-LoRA gating='task')."""
+    return {n: m for n, m in model.adapter_layers.items() if isinstance(m, AdapterLayer) and m.task_gated}
 
 
 @torch.no_grad()
@@ -70,8 +62,8 @@ def collect_routing(model: nn.Module, batches: BatchesByTask) -> dict[str, dict[
     store: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in layers}
     current = {"task": ""}
 
-    def make_capture(name: str, layer: nn.Module):
-        def capture(pi: torch.Tensor) -> None:
+    def make_capture(name: str):
+        def capture(layer: nn.Module, pi: torch.Tensor) -> None:
             usage, ent, n = routing_stats(pi, layer.context.token_mask)
             slot = store[name].setdefault(
                 current["task"], {"usage": torch.zeros_like(usage), "entropy": 0.0, "count": 0.0}
@@ -85,8 +77,7 @@ def collect_routing(model: nn.Module, batches: BatchesByTask) -> dict[str, dict[
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for name, layer in layers.items():
-        layer._cache_routing = make_capture(name, layer)  # instance attribute shadows the method
+    handles = [layer.add_routing_observer(make_capture(name)) for name, layer in layers.items()]
     try:
         for task, task_batches in batches.items():
             current["task"] = task
@@ -94,8 +85,8 @@ def collect_routing(model: nn.Module, batches: BatchesByTask) -> dict[str, dict[
                 batch = to_device(batch, device)
                 model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "task_ids")})
     finally:
-        for layer in layers.values():
-            layer.__dict__.pop("_cache_routing", None)
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     return store
 
@@ -213,6 +204,4 @@ def _plot_router(diag: Diagnostic, path: Path) -> None:
     axes[1].set_xlabel("layer (index)")
     axes[1].set_title("routing entropy (1 = uniform) and task divergence")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import BatchesByTask, Diagnostic, pairs, pyplot, to_device
+from .common import BatchesByTask, Diagnostic, heatmap, pairs, save_figure, to_device, two_panel_figure
 
 
 @torch.no_grad()
@@ -67,14 +67,8 @@ def layer_similarity(means: dict[str, torch.Tensor]) -> Diagnostic:
             "matrix": sim.tolist(),
         }
         per_layer.append(entry)
-        rows.append(
-            [
-                "embeddings" if layer == 0 else str(layer),
-                entry["mean_cosine"],
-                entry["min_cosine"],
-                entry["max_cosine"],
-            ]
-        )
+        label = "embeddings" if layer == 0 else str(layer)
+        rows.append([label, *(entry[key] for key in ("mean_cosine", "min_cosine", "max_cosine"))])
     diag = Diagnostic(
         name="layer_similarity",
         title="Per-layer similarity of task representations",
@@ -94,11 +88,8 @@ def layer_similarity(means: dict[str, torch.Tensor]) -> Diagnostic:
 
 
 def _plot_similarity(diag: Diagnostic, path: Path) -> None:
-    from .gradients import _heatmap
-
-    plt = pyplot()
     layers = diag.data["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, axes = two_panel_figure()
     xs = [e["layer"] for e in layers]
     axes[0].plot(xs, [e["mean_cosine"] for e in layers], marker="o", label="mean")
     axes[0].fill_between(
@@ -109,7 +100,5 @@ def _plot_similarity(diag: Diagnostic, path: Path) -> None:
     axes[0].set_title("task representation similarity per layer")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
-    _heatmap(axes[1], layers[-1]["matrix"], diag.data["tasks"], "last layer", vmin=-1.0, vmax=1.0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    heatmap(axes[1], layers[-1]["matrix"], diag.data["tasks"], "last layer", vmin=-1.0, vmax=1.0)
+    save_figure(fig, path)

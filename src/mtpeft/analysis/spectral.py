@@ -29,16 +29,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import Diagnostic, pyplot, short_name, top_singular
+from ..core.layers import AdapterLayer, LinearAdapter
+from .common import Diagnostic, pyplot, save_figure, short_name, top_singular
 from .gradients import TaskGradients
 
 TaskMatrices = dict[str, dict[str, torch.Tensor]]
 
 
 def _is_linear_adapter(layer: nn.Module) -> bool:
-    from ..core.layers import LinearAdapter
-
     return isinstance(layer, LinearAdapter)
+
+
+def _is_prompted(layer: nn.Module) -> bool:
+    """The ``prompted`` capability: per-task prompts from ``task_prompts(task_ids)``."""
+    return isinstance(layer, AdapterLayer) and layer.prompted
+
+
+def _is_block_adapter(layer: nn.Module) -> bool:
+    """``export_kind == 'block'``: a path around a whole block; its M_t is the gradient of its ``lora_A``."""
+    return isinstance(layer, AdapterLayer) and layer.export_kind == "block"
 
 
 def select_layers(names: Sequence[str], max_layers: int | None) -> list[str]:
@@ -57,16 +66,16 @@ def matrix_layers(model: nn.Module, max_layers: int | None = 8) -> list[str]:
     usable = [
         n
         for n, m in model.adapter_layers.items()
-        if _is_linear_adapter(m) or hasattr(m, "task_prompts") or isinstance(getattr(m, "lora_A", None), nn.Parameter)
+        if _is_linear_adapter(m) or _is_prompted(m) or _is_block_adapter(m)
     ]
     return select_layers(usable, max_layers)
 
 
 def matrix_source(model: nn.Module, layer: nn.Module) -> str:
     """How :func:`task_matrices` builds a layer's M_t: 'delta', 'prompt', 'base_gradient' or 'A_gradient'."""
-    if _is_linear_adapter(layer) and getattr(model, "merge_kind", "global") == "per_task":
+    if _is_linear_adapter(layer) and model.merge_kind == "per_task":
         return "delta"
-    if hasattr(layer, "task_prompts"):
+    if _is_prompted(layer):
         return "prompt"
     if _is_linear_adapter(layer):
         return "base_gradient"
@@ -93,7 +102,7 @@ def task_matrices(
             if source == "delta":
                 mats[task] = layer.delta_weight(tid).detach().float().cpu()
             elif source == "prompt":
-                ids = torch.tensor([tid], device=layer.prompt_shared.device)
+                ids = torch.tensor([tid], device=next(layer.parameters()).device)
                 mats[task] = layer.task_prompts(ids)[0].detach().float().cpu()
             elif source == "base_gradient" and gradients is not None and name in gradients.base.get(task, {}):
                 mats[task] = gradients.base[task][name]
@@ -216,6 +225,4 @@ def _plot_alignment(diag: Diagnostic, path: Path) -> None:
     ax.set_title(f"spectral alignment of task updates (k = {diag.data['k']})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import Diagnostic, pairs, pyplot, short_name, top_singular
+from ..core.layers import AdapterLayer
+from .common import Diagnostic, heatmap, pairs, save_figure, short_name, top_singular, two_panel_figure
 from .spectral import TaskMatrices
 
 
@@ -60,12 +61,10 @@ def top_right_singular(m: torch.Tensor, k: int) -> torch.Tensor:
 
 def thanora_blocks(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """``{layer: {task: A_t}}``: each ThanoRA layer's per-task blocks of ``lora_A``."""
-    from ..methods.thanora import ThanoRALinear
-
     tasks = list(model.adapter_config.tasks)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, layer in model.adapter_layers.items():
-        if isinstance(layer, ThanoRALinear):
+        if isinstance(layer, AdapterLayer) and layer.task_blocks:
             offsets = layer.rank_offsets.tolist()
             a = layer.lora_A.detach().float().cpu()
             out[name] = {t: a[offsets[i] : offsets[i + 1]] for i, t in enumerate(tasks)}
@@ -98,15 +97,8 @@ def overlap_table(bases: dict[str, dict[str, torch.Tensor]], description: str, n
             "pair_overlap": matrix,
         }
         per_layer.append(entry)
-        rows.append(
-            [
-                short_name(name),
-                "/".join(map(str, dims)),
-                entry["mean_overlap"],
-                entry["max_overlap"],
-                entry["mean_min_angle_deg"],
-            ]
-        )
+        stats = (entry[key] for key in ("mean_overlap", "max_overlap", "mean_min_angle_deg"))
+        rows.append([short_name(name), "/".join(map(str, dims)), *stats])
     diag = Diagnostic(
         name="subspace_overlap",
         title="Overlap between task subspaces",
@@ -162,11 +154,8 @@ def task_subspace_overlap(
 
 
 def _plot_overlap(diag: Diagnostic, path: Path) -> None:
-    from .gradients import _heatmap
-
-    plt = pyplot()
     layers = diag.data["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, axes = two_panel_figure()
     xs = list(range(len(layers)))
     axes[0].plot(xs, [e["mean_overlap"] for e in layers], marker="o", label="mean overlap")
     axes[0].plot(xs, [e["max_overlap"] for e in layers], marker="^", label="max overlap")
@@ -178,7 +167,7 @@ def _plot_overlap(diag: Diagnostic, path: Path) -> None:
     axes[0].grid(alpha=0.3)
     axes[0].set_title("task-subspace overlap per layer")
     last = layers[-1]
-    _heatmap(
+    heatmap(
         axes[1],
         last["pair_overlap"],
         diag.data["tasks"],
@@ -186,6 +175,4 @@ def _plot_overlap(diag: Diagnostic, path: Path) -> None:
         vmin=0.0,
         vmax=1.0,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)

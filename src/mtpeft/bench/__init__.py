@@ -1,4 +1,11 @@
-"""The benchmark harness: suites, the runner (every method plus baselines on the same budget) and the report.
+"""The benchmark harness: suites, the plan, the runner (every method plus baselines on the same budget) and the
+report.
+
+Modules: ``suites`` (which tasks, which run config), ``options`` (what an invocation asks for), ``defaults``
+(each method's bench config), ``budget`` (parameter counting and the rank search), ``plan`` (one run config per
+setting, method and seed), ``method_run`` and ``baselines`` (what one run does), ``scoring`` (evaluation and the
+unseen-task policy), ``provenance`` and ``memory`` (what a result records about itself), ``layout`` (the bench
+folder), ``runner`` (orchestration), ``report`` and ``plots``.
 
 Python API::
 
@@ -17,26 +24,24 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    **{name: "report" for name in ("aggregate", "load_results", "write_report")},
+    **{name: "report" for name in ("aggregate", "write_report")},
+    "load_results": "layout",
     **{
-        name: "runner"
+        name: "options"
         for name in (
             "BASELINES",
             "DEFAULT_METHODS",
-            "METHOD_DEFAULTS",
             "SINGLE_TASK_STEPS",
             "UNSEEN_POLICIES",
             "BenchError",
             "BenchOptions",
-            "BenchRunner",
-            "RunSpec",
-            "choose_rank",
-            "count_trainable_parameters",
-            "plan_runs",
-            "run_bench",
             "validate_methods",
         )
     },
+    "METHOD_DEFAULTS": "defaults",
+    **{name: "budget" for name in ("choose_rank", "count_trainable_parameters")},
+    **{name: "plan" for name in ("RunSpec", "plan_runs")},
+    **{name: "runner" for name in ("BenchRunner", "run_bench")},
     **{
         name: "suites"
         for name in (

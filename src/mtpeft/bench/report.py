@@ -1,9 +1,9 @@
 """The benchmark report: Markdown tables (mean and std over seeds, per task and averaged) and PNG plots.
 
 :func:`write_report` reads every ``runs/**/result.json`` of a bench folder and writes ``report.md``,
-``report.json`` (the aggregates) and ``plots/``: a per-task grouped bar chart per setting, the score against
-trainable parameters, and for suites with several settings (``bbh-scaling``) the macro score against the
-number of tasks per method. Plots use matplotlib's Agg backend (no display needed).
+``report.json`` (the aggregates) and ``plots/`` (drawn by :mod:`mtpeft.bench.plots`): a per-task grouped bar
+chart per setting, the score against trainable parameters, and for suites with several settings
+(``bbh-scaling``) the macro score against the number of tasks per method.
 """
 
 from __future__ import annotations
@@ -16,24 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import BASELINES, DEFAULT_METHODS, ERROR_NAME, RESULT_NAME
-
-
-def load_results(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every finished run's result record under ``out_dir/runs`` (sorted by setting, method, seed)."""
-    runs = Path(out_dir) / "runs"
-    found = [json.loads(p.read_text()) for p in sorted(runs.glob(f"*/*/seed-*/{RESULT_NAME}"))]
-    return sorted(found, key=lambda r: (r["setting"], r["method"], r["seed"]))
-
-
-def load_errors(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The failed runs (``error.json`` without a ``result.json`` beside it)."""
-    runs = Path(out_dir) / "runs"
-    return [
-        json.loads(p.read_text())
-        for p in sorted(runs.glob(f"*/*/seed-*/{ERROR_NAME}"))
-        if not (p.parent / RESULT_NAME).exists()
-    ]
+from ..tables import markdown_table
+from .layout import BENCH_NAME, RESULT_NAME, load_errors, load_results
+from .options import method_order as ordered_methods
+from .plots import plot_per_task, plot_scaling, plot_score_vs_params
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
@@ -47,12 +33,6 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "n": len(vals),
     }
-
-
-def _method_order(methods: Sequence[str], preferred: Sequence[str] = ()) -> list[str]:
-    order = [*BASELINES, *preferred, *DEFAULT_METHODS]
-    rank = {m: i for i, m in enumerate(dict.fromkeys(order))}
-    return sorted(set(methods), key=lambda m: (rank.get(m, len(rank)), m))
 
 
 def aggregate(
@@ -79,7 +59,7 @@ def aggregate(
     out: dict[str, Any] = {}
     for name, s in settings.items():
         methods = {}
-        for method in _method_order(list(s["runs"]), method_order):
+        for method in ordered_methods(list(s["runs"]), method_order):
             runs = s["runs"][method]
 
             def score(run: dict[str, Any], task: str, key: str = "tasks") -> float | None:
@@ -141,12 +121,6 @@ def _fmt_num(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def summary_table(setting: dict[str, Any]) -> str:
     """One row per method: seeds, trainable parameters, macro, micro, (core, unseen), time, memory."""
     has_core = any(m.get("core_macro") for m in setting["methods"].values())
@@ -175,7 +149,7 @@ def summary_table(setting: dict[str, Any]) -> str:
             _fmt_num(m["peak_gpu_mb"], 0),
         ]
         rows.append(row)
-    return _md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def per_task_table(setting: dict[str, Any]) -> str:
@@ -196,13 +170,13 @@ def per_task_table(setting: dict[str, Any]) -> str:
         rows.append([f"{t} (unseen)", "-", *[fmt_pct(setting["methods"][m]["unseen"].get(t)) for m in methods]])
     if setting["unseen_tasks"]:
         rows.append(["**unseen macro**", "-", *[fmt_pct(setting["methods"][m]["unseen_macro"]) for m in methods]])
-    return _md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def scaling_table(agg: dict[str, Any], settings: Sequence[str], core: bool = False) -> str:
     """Methods as rows, settings (by number of tasks) as columns: macro % (or core-tasks macro %)."""
     names = sorted(settings, key=lambda s: agg[s]["num_tasks"])
-    methods = _method_order({m for s in names for m in agg[s]["methods"]})
+    methods = ordered_methods({m for s in names for m in agg[s]["methods"]})
     header = ["method", *[f"{agg[s]['num_tasks']} tasks" for s in names]]
     rows = []
     for method in methods:
@@ -211,146 +185,7 @@ def scaling_table(agg: dict[str, Any], settings: Sequence[str], core: bool = Fal
             m = agg[s]["methods"].get(method)
             cells.append(fmt_pct(None if m is None else (m.get("core_macro") if core else m["macro"])))
         rows.append([method, *cells])
-    return _md_table(header, rows)
-
-
-# ---------------------------------------------------------------------------------------------- plots
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colors(methods: Sequence[str]) -> dict[str, Any]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-
-
-def plot_per_task(setting_name: str, setting: dict[str, Any], path: Path) -> Path:
-    """Grouped bar chart: tasks (and the macro average) on x, one bar per method, error bars = std."""
-    plt = _plt()
-    methods = list(setting["methods"])
-    labels = [*setting["tasks"], "macro"] + [f"{t}*" for t in setting["unseen_tasks"]]
-    colors = _colors(methods)
-    width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.35 * len(labels) * max(2, len(methods)) / 2 + 2), 5))
-    for i, m in enumerate(methods):
-        stats = setting["methods"][m]
-        vals = [stats["tasks"].get(t) for t in setting["tasks"]] + [stats["macro"]]
-        vals += [stats["unseen"].get(t) for t in setting["unseen_tasks"]]
-        means = [100 * (v["mean"] or 0.0) if v and v["mean"] is not None else 0.0 for v in vals]
-        errs = [100 * v["std"] if v and v.get("std") else 0.0 for v in vals]
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(
-            xs,
-            means,
-            width,
-            yerr=errs if any(errs) else None,
-            label=m,
-            color=colors[m],
-            capsize=2 if len(labels) < 12 else 0,
-        )
-    ax.set_xticks(range(len(labels)))
-    slanted = len(labels) > 6 or sum(len(x) for x in labels) > 60
-    ax.set_xticklabels(labels, rotation=35 if slanted else 0, ha="right" if slanted else "center", fontsize=8)
-    ax.set_ylabel("score (%)")
-    title = f"per-task scores, setting {setting_name} (mean ± std over seeds)"
-    if setting["unseen_tasks"]:
-        title += "; * = unseen task"
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=min(5, len(methods)), loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_score_vs_params(agg: dict[str, Any], path: Path) -> Path:
-    """Macro score against trainable parameters (log x), one point per method and setting; methods without
-    trainable parameters (the untrained model) sit at the left edge, marked "0"."""
-    plt = _plt()
-    methods = _method_order({m for s in agg.values() for m in s["methods"]})
-    colors = _colors(methods)
-    markers = "os^Dvx+P*"
-    counts = [st["trainable_parameters"] for s in agg.values() for st in s["methods"].values()]
-    positive = [c for c in counts if c]
-    zero_x = min(positive) / 10 if positive else 1.0
-    fig, ax = plt.subplots(figsize=(8, 5))
-    seen: set[str] = set()
-    for k, (sname, s) in enumerate(agg.items()):
-        for m, stats in s["methods"].items():
-            if stats["macro"]["mean"] is None:
-                continue
-            x = stats["trainable_parameters"] or zero_x
-            y = 100 * stats["macro"]["mean"]
-            ax.errorbar(
-                [x],
-                [y],
-                yerr=[100 * (stats["macro"]["std"] or 0)],
-                fmt=markers[k % len(markers)],
-                color=colors[m],
-                capsize=3,
-                label=m if m not in seen else None,
-            )
-            seen.add(m)
-            label = m if len(agg) == 1 else f"{m} ({sname})"
-            ax.annotate(label, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6, alpha=0.7)
-    ax.set_xscale("log")
-    if any(not c for c in counts):
-        ticks = [t for t in ax.get_xticks() if t > zero_x * 1.5]
-        ax.set_xticks([zero_x, *ticks])
-        ax.set_xticklabels(["0", *[f"{t:.0e}" for t in ticks]])
-        ax.set_xlim(zero_x / 2, max(positive or [zero_x]) * 3)
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("macro score (%)")
-    ax.set_title("score vs trainable parameters" + (" (markers: settings)" if len(agg) > 1 else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_scaling(agg: dict[str, Any], path: Path, core_tasks: Sequence[str] = ()) -> Path:
-    """Macro score vs number of tasks per method (and, with core tasks, the macro over the tasks every setting
-    shares)."""
-    plt = _plt()
-    names = sorted(agg, key=lambda s: agg[s]["num_tasks"])
-    methods = _method_order({m for s in names for m in agg[s]["methods"]})
-    colors = _colors(methods)
-    panels = [("macro", "macro over the setting's tasks")]
-    if core_tasks:
-        panels.append(("core_macro", f"macro over the {len(core_tasks)} tasks of every setting"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for m in methods:
-            xs, ys, es = [], [], []
-            for s in names:
-                stats = agg[s]["methods"].get(m)
-                value = None if stats is None else stats.get(key)
-                if value and value.get("mean") is not None:
-                    xs.append(agg[s]["num_tasks"])
-                    ys.append(100 * value["mean"])
-                    es.append(100 * (value["std"] or 0))
-            if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", color=colors[m], label=m, capsize=3)
-        ax.set_xlabel("number of tasks")
-        ax.set_ylabel("score (%)")
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks([agg[s]["num_tasks"] for s in names])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle("does a method degrade as tasks are added?")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return markdown_table(header, rows)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -462,7 +297,7 @@ def render_markdown(
 def write_report(out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and ``plots/*.png`` for the bench folder; returns their paths."""
     out = Path(out_dir)
-    bench_file = out / "bench.json"
+    bench_file = out / BENCH_NAME
     bench = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
     results = load_results(out)
     errors = load_errors(out)

@@ -4,7 +4,7 @@ A :class:`Suite` holds one or more :class:`SuiteSetting` (a list of training tas
 "unseen") and the run-config sections (``model``, ``data``, ``train``, ``eval``) that every method shares.
 Every method of a benchmark is trained on the same data, for the same steps, and evaluated the same way.
 
-Built-in suites over the shared data (``../shared/data`` or ``$MTPEFT_DATA_ROOT``), each in a full (GPU)
+Built-in suites over the benchmark data (under ``$MTPEFT_DATA_ROOT`` or ``--data-root``), each in a full (GPU)
 and a ``quick`` (CPU, SmolLM2-135M, minutes per run) variant:
 
 * ``bbh27``: the 27 BIG-Bench-Hard tasks, each split train/test with seed 0 (test = min(100, n // 3)), trained
@@ -16,7 +16,7 @@ and a ``quick`` (CPU, SmolLM2-135M, minutes per run) variant:
   Quick: 2, 3 and 5 of the quick tasks.
 * ``glue``: CoLA, SST-2, MRPC, STS-B, RTE, WNLI (train.tsv -> dev.tsv). Quick: SST-2, CoLA, RTE, MRPC.
 * ``commonsense``: train on BoolQ, ARC-e, ARC-c and OBQA; PIQA, SIQA and WinoGrande are evaluated as unseen
-  tasks (see ``UNSEEN_POLICIES`` in :mod:`mtpeft.bench.runner`).
+  tasks (see ``UNSEEN_POLICIES`` in :mod:`mtpeft.bench.options`).
 
 :func:`custom_suite` builds a suite from inline task specs (tests, your own tasks).
 """
@@ -136,6 +136,50 @@ def scaling_order() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- configs
+def _sections(
+    max_length: int,
+    steps: int,
+    *,
+    mixing: str,
+    batch_size: int,
+    lr: float,
+    warmup_ratio: float,
+    precision: str,
+    save_every: int,
+    log_every: int,
+    max_new_tokens: int,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """The run-config sections every method of a suite shares."""
+    return {
+        "model": {"name": "smollm2", "dtype": "float32"},
+        "data": {"max_length": max_length, "truncation": "left", "mixing": mixing, **data},
+        "train": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "grad_accum": 1,
+            "lr": lr,
+            "warmup_ratio": warmup_ratio,
+            "schedule": "cosine",
+            "precision": precision,
+            "save_every": save_every,
+            "keep_checkpoints": 1,
+            "log_every": log_every,
+            "eval_every": 0,
+        },
+        "eval": {"batch_size": 32, "max_new_tokens": max_new_tokens, "before_training": False},
+    }
+
+
+#: What the full (GPU) and the quick (CPU) variants train with, besides lengths, steps and caps.
+_GPU_TRAINING: dict[str, Any] = {
+    "mixing": "proportional", "lr": 2e-4, "warmup_ratio": 0.03, "precision": "bf16", "save_every": 100, "log_every": 10
+}
+_CPU_TRAINING: dict[str, Any] = {
+    "mixing": "uniform", "lr": 1e-3, "warmup_ratio": 0.05, "precision": "fp32", "save_every": 25, "log_every": 5
+}
+
+
 def _gpu_sections(
     max_length: int,
     steps: int,
@@ -145,96 +189,50 @@ def _gpu_sections(
     max_eval: int | None = None,
     **data: Any,
 ) -> dict[str, Any]:
-    return {
-        "model": {"name": "smollm2", "dtype": "float32"},
-        "data": {
-            "max_length": max_length,
-            "truncation": "left",
-            "mixing": "proportional",
-            "max_eval_per_task": max_eval,
-            **data,
-        },
-        "train": {
-            "steps": steps,
-            "batch_size": batch_size,
-            "grad_accum": 1,
-            "lr": 2e-4,
-            "warmup_ratio": 0.03,
-            "schedule": "cosine",
-            "precision": "bf16",
-            "save_every": 100,
-            "keep_checkpoints": 1,
-            "log_every": 10,
-            "eval_every": 0,
-        },
-        "eval": {"batch_size": 32, "max_new_tokens": max_new_tokens, "before_training": False},
-    }
+    """The full variant: bf16, lr 2e-4, proportional mixing, every training example."""
+    data = {"max_eval_per_task": max_eval, **data}
+    return _sections(
+        max_length, steps, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data, **_GPU_TRAINING
+    )
 
 
 def _cpu_sections(
     max_length: int, steps: int, *, max_eval: int = 30, max_new_tokens: int = 5, **data: Any
 ) -> dict[str, Any]:
-    return {
-        "model": {"name": "smollm2", "dtype": "float32"},
-        "data": {
-            "max_length": max_length,
-            "truncation": "left",
-            "mixing": "uniform",
-            "max_train_per_task": 200,
-            "max_eval_per_task": max_eval,
-            **data,
-        },
-        "train": {
-            "steps": steps,
-            "batch_size": 8,
-            "grad_accum": 1,
-            "lr": 1e-3,
-            "warmup_ratio": 0.05,
-            "schedule": "cosine",
-            "precision": "fp32",
-            "save_every": 25,
-            "keep_checkpoints": 1,
-            "log_every": 5,
-            "eval_every": 0,
-        },
-        "eval": {"batch_size": 32, "max_new_tokens": max_new_tokens, "before_training": False},
-    }
+    """The quick CPU variant: fp32, lr 1e-3, uniform mixing, 200 training examples per task."""
+    data = {"max_train_per_task": 200, "max_eval_per_task": max_eval, **data}
+    return _sections(max_length, steps, batch_size=8, max_new_tokens=max_new_tokens, data=data, **_CPU_TRAINING)
+
+
+def _builtin_suite(name: str, description: str, settings: list[SuiteSetting], quick: bool, **kwargs: Any) -> Suite:
+    """A built-in suite: the quick variant adapts only the top :data:`QUICK_TOP_LAYERS` layers."""
+    return Suite(name, description, settings, top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick, **kwargs)
+
+
+def _bbh_sections(quick: bool) -> dict[str, Any]:
+    return _cpu_sections(64, 60) if quick else _gpu_sections(512, 544, max_new_tokens=64)
 
 
 def _bbh27(quick: bool) -> Suite:
     names = list(QUICK_BBH_TASKS) if quick else list(BBH_TASKS)
-    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544, max_new_tokens=64)
     desc = (
         "BIG-Bench-Hard, each task split train/test with seed 0 (test = min(100, n // 3)), trained as one "
         f"{len(names)}-task mixture"
     )
-    return Suite(
-        "bbh27",
-        desc,
-        [SuiteSetting("all", [f"bbh:{n}" for n in names])],
-        cfg,
-        top_layers=QUICK_TOP_LAYERS if quick else None,
-        quick=quick,
-    )
+    setting = SuiteSetting("all", [f"bbh:{n}" for n in names])
+    return _builtin_suite("bbh27", desc, [setting], quick, config=_bbh_sections(quick))
 
 
 def _bbh_scaling(quick: bool) -> Suite:
     order = list(QUICK_BBH_TASKS) if quick else scaling_order()
     counts = QUICK_SCALING_COUNTS if quick else SCALING_COUNTS
-    cfg = _cpu_sections(64, 60) if quick else _gpu_sections(512, 544, max_new_tokens=64)
     settings = [SuiteSetting(f"tasks-{n}", [f"bbh:{t}" for t in order[:n]]) for n in counts]
     desc = (
         f"BIG-Bench-Hard with {', '.join(map(str, counts))} tasks (nested: every setting contains the "
         "previous one): does a method degrade as tasks are added?"
     )
-    return Suite(
-        "bbh-scaling",
-        desc,
-        settings,
-        cfg,
-        top_layers=QUICK_TOP_LAYERS if quick else None,
-        quick=quick,
-        core_tasks=order[: counts[0]],
+    return _builtin_suite(
+        "bbh-scaling", desc, settings, quick, config=_bbh_sections(quick), core_tasks=order[: counts[0]]
     )
 
 
@@ -246,14 +244,7 @@ def _glue(quick: bool) -> Suite:
         names = ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"]
         cfg = _gpu_sections(256, 1000, max_new_tokens=8, mixing="temperature", temperature=2.0, max_train_per_task=5000)
     desc = "GLUE (train.tsv -> dev.tsv); classification by option log-likelihood, STS-B as score generation"
-    return Suite(
-        "glue",
-        desc,
-        [SuiteSetting("all", [f"glue:{n}" for n in names])],
-        cfg,
-        top_layers=QUICK_TOP_LAYERS if quick else None,
-        quick=quick,
-    )
+    return _builtin_suite("glue", desc, [SuiteSetting("all", [f"glue:{n}" for n in names])], quick, config=cfg)
 
 
 def _commonsense(quick: bool) -> Suite:
@@ -268,7 +259,7 @@ def _commonsense(quick: bool) -> Suite:
         "WinoGrande evaluated as unseen tasks"
     )
     setting = SuiteSetting("all", [f"commonsense:{n}" for n in train], [f"commonsense:{n}" for n in unseen])
-    return Suite("commonsense", desc, [setting], cfg, top_layers=QUICK_TOP_LAYERS if quick else None, quick=quick)
+    return _builtin_suite("commonsense", desc, [setting], quick, config=cfg)
 
 
 _BUILDERS = {"bbh27": _bbh27, "bbh-scaling": _bbh_scaling, "glue": _glue, "commonsense": _commonsense}

@@ -1,10 +1,9 @@
-"""The ``mtpeft bench`` and ``mtpeft analyze`` subcommands (added to the main parser by ``mtpeft.cli``)."""
+"""``mtpeft bench SUITE``: benchmark methods and baselines on a suite (same data, steps and evaluation)."""
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,13 @@ def default_output(suite: str, quick: bool, name: str | None) -> Path:
     return Path("benchmarks") / "results" / f"{suite}{'-quick' if quick else ''}-{name or date.today().isoformat()}"
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run (or resume) a benchmark suite and write its report."""
     import torch
 
+    from ..bench.options import BenchOptions, validate_methods
     from ..bench.report import write_report
-    from ..bench.runner import BenchOptions, BenchRunner, validate_methods
+    from ..bench.runner import BenchRunner
     from ..bench.suites import get_suite
 
     if args.threads:
@@ -81,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     runner = BenchRunner(suite, options, out)
     if args.dry_run:
-        _print_plan(runner)
+        print_plan(runner)
         return 0
     runner.run()
     paths = write_report(runner.out_dir)
@@ -89,8 +89,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_plan(runner: Any) -> None:
-    from ..bench.runner import count_trainable_parameters
+def print_plan(runner: Any) -> None:
+    """The planned runs of a :class:`~mtpeft.bench.runner.BenchRunner`: rank, alpha, trainable parameters, done or
+    not (``--dry-run``)."""
+    from ..bench.budget import count_trainable_parameters
 
     print(f"suite {runner.suite.name}{' (quick)' if runner.suite.quick else ''} -> {runner.out_dir}")
     for s in runner.suite.settings:
@@ -121,31 +123,8 @@ def _print_plan(runner: Any) -> None:
         )
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """Compute the multi-task diagnostics of a finished run."""
-    from ..analysis import analyze_run
-
-    result = analyze_run(
-        args.run_dir,
-        args.out,
-        diagnostics=args.diagnostics,
-        num_batches=args.batches,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        max_layers=args.max_layers or None,
-        split=args.split,
-        device=args.device,
-        max_tasks=args.max_tasks,
-    )
-    for d in result["diagnostics"]:
-        state = "ok" if d.applicable else f"not applicable ({d.note})"
-        print(f"  {d.name:20s} {state}")
-    print(f"\nanalysis written to {result['out_dir']} (report.md, <diagnostic>.md/.json/.png)")
-    return 0
-
-
-def add_bench_parsers(subparsers: Any) -> None:
-    """Add the ``bench`` and ``analyze`` subcommands to the ``mtpeft`` parser's subparsers."""
+def add_parser(subparsers: Any) -> None:
+    """Add the ``bench`` subcommand."""
     set_help = (
         "Override a key of every run config, e.g. --set train.lr=1e-4 --set data.max_eval_per_task=20; "
         "method.<key> applies to every method, methods.<method>.<key> to one method "
@@ -227,7 +206,7 @@ def add_bench_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--data-root",
         default=None,
-        help="Folder of the shared data (default: $MTPEFT_DATA_ROOT or ../shared/data).",
+        help="Folder the suites' data files resolve against (default: $MTPEFT_DATA_ROOT).",
     )
     p.add_argument(
         "--name",
@@ -248,46 +227,4 @@ def add_bench_parsers(subparsers: Any) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--progress", action="store_true", help="Show progress bars for training and evaluation.")
-    p.set_defaults(func=cmd_bench)
-
-    p = subparsers.add_parser(
-        "analyze",
-        help="Multi-task diagnostics of a finished run (writes RUN_DIR/analysis/).",
-        description="Gradient conflict between tasks per layer, spectral alignment of task updates, "
-        "per-layer similarity of task representations, overlap between task subspaces (ThanoRA blocks) "
-        "and router usage/entropy, each as a Markdown table, JSON and a PNG plot.",
-        formatter_class=_DefaultsFormatter,
-    )
-    p.add_argument("run_dir", help="A run folder written by `mtpeft train` (or a bench run's run/ folder).")
-    p.add_argument("--out", default=None, help="Output folder (default: RUN_DIR/analysis).")
-    p.add_argument(
-        "--diagnostics",
-        default=None,
-        help="Comma-separated subset of gradient_conflict, spectral_alignment, layer_similarity, "
-        "subspace_overlap, router_usage (default: all).",
-    )
-    p.add_argument("--batches", type=int, default=2, help="Batches per task.")
-    p.add_argument("--batch-size", type=int, default=8, help="Examples per batch.")
-    p.add_argument("--split", choices=["train", "eval"], default="train", help="Which examples to use.")
-    p.add_argument(
-        "--top-k",
-        type=int,
-        default=4,
-        help="Singular directions (spectral alignment) and subspace dimension (subspace overlap).",
-    )
-    p.add_argument(
-        "--max-layers",
-        type=int,
-        default=8,
-        help="At most this many adapter layers get per-task d_out x d_in matrices (memory); 0 = all.",
-    )
-    p.add_argument("--max-tasks", type=int, default=None, help="Only the first N tasks of the run.")
-    p.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
-    p.set_defaults(func=cmd_analyze)
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience
-    """Run ``mtpeft`` with these subcommands (same as ``mtpeft.cli.main``)."""
-    from . import main as cli_main
-
-    return cli_main(argv if argv is not None else sys.argv[1:])
+    p.set_defaults(func=run)

@@ -1,65 +1,83 @@
-"""What every adapter layer shares: the task context hand-off, the linear-adapter protocol, target matching.
+"""The adapter layer base classes and the capabilities they declare.
 
-An adapter layer wraps one frozen ``nn.Linear`` (kept as ``base_layer``) and adds a method-specific update.
-The per-sample task ids of the current batch reach every layer through one :class:`TaskContext` that the
-:class:`~mtpeft.model.MTModel` sets before it calls the base model, so the base model's own forward code
-needs no change.
+Every module an :class:`~mtpeft.model.MTModel` injects derives from :class:`AdapterLayer`: either a
+:class:`LinearAdapter`, which wraps one frozen ``nn.Linear`` (kept as ``base_layer``) and adds a
+method-specific update, or a :class:`~mtpeft.core.wrapping.ModuleWrapper` around a whole sub-block. The model,
+the exports and the diagnostics read the declared capabilities instead of probing a layer for attributes.
 """
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ..config import AdapterConfig, ConfigError
+from .context import TaskContext
+from .lowrank import adapter_dtype
 from .quant import dense_weight
 
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
-class TaskContext:
-    """Per-forward state shared by all adapter layers of one model.
+EXPORT_KINDS = ("exact", "routed", "block", "none")
 
-    ``task_ids``: LongTensor (batch,) or None. ``token_mask``: the attention mask (batch, seq) or None, for
-    losses that must ignore padding. ``collect``: layers cache what the auxiliary losses need (training only).
-    ``global_step``: the optimizer step, for regularizers applied every k steps.
 
-    The values stay set after a forward returns, so that activation checkpointing can recompute the forward
-    during backward with the same task ids; the next forward overwrites them.
+class Observers:
+    """Callbacks a layer calls with what it computed in a forward (for diagnostics and export statistics).
+
+    ``add(fn)`` returns a handle whose ``remove()`` takes the callback off again, as torch's module hooks do.
     """
 
     def __init__(self) -> None:
-        self.task_ids: torch.Tensor | None = None
-        self.token_mask: torch.Tensor | None = None
-        self.collect: bool = False
-        self.global_step: int = 0
+        self.callbacks: OrderedDict[int, Callable[..., None]] = OrderedDict()  # a dict a handle can weakref
 
-    def require_task_ids(self, who: str, batch: int) -> torch.Tensor:
-        """The current task ids, checked against the batch size seen by layer ``who``."""
-        if self.task_ids is None:
-            raise ValueError(f"{who} needs per-sample task ids: pass task_ids=... to forward/generate")
-        if self.task_ids.shape[0] != batch:
-            raise ValueError(f"{who}: the batch has {batch} rows but task_ids has {self.task_ids.shape[0]} entries")
-        return self.task_ids
+    def add(self, fn: Callable[..., None]) -> RemovableHandle:
+        """Call ``fn(*values)`` on every report until the returned handle is removed."""
+        handle = RemovableHandle(self.callbacks)
+        self.callbacks[handle.id] = fn
+        return handle
 
+    def __call__(self, *values: Any) -> None:
+        for fn in list(self.callbacks.values()):
+            fn(*values)
 
-def init_down_projection(weight: torch.Tensor, init: str, rank: int) -> None:
-    """Initialize a down-projection A (rank x d_in) in place: Kaiming-uniform (a=sqrt(5)) or Gaussian (std 1/r)."""
-    with torch.no_grad():
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(weight, std=1.0 / rank)
-        else:
-            raise ConfigError(f"unknown init {init!r}; expected 'kaiming' or 'gaussian'")
+    def __bool__(self) -> bool:
+        return bool(self.callbacks)
 
 
-def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 (fp64 on an fp64 base) even over a half-precision base, as PEFT does."""
-    return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
+class AdapterLayer(nn.Module):
+    """Base of every adapter module, with the capabilities it declares (class attributes; a layer whose
+    capabilities follow its config sets them per instance):
+
+    - ``export_kind``: how its update becomes plain LoRA factors. ``'exact'``: ``lora_factors(task)`` gives
+      them (merging and PEFT export are exact); ``'routed'``: the update for fixed routing weights,
+      ``expected_delta_weight(mean_pi)``, with ``routing_weights(x)`` (..., G, E), ``num_groups``,
+      ``num_experts`` and ``adapter_output(x)`` (an approximate export from the mean routing); ``'block'``: a
+      path around a whole block, fitted onto the block's output linear (``output_linear()``,
+      ``out_linear_name``, ``add_delta_observer(fn)``); ``'none'``: no plain-LoRA form at all (prompts).
+    - ``routed``: it routes each token between experts and reports the routing weights to routing observers
+      (:class:`~mtpeft.core.routing.RoutedExpertsMixin`).
+    - ``task_gated``: it mixes its experts by one fixed gate per task, ``task_gate(task_ids)`` (k, E).
+    - ``prompted``: it holds learned per-task prompts, ``task_prompts(task_ids)`` (k, length, d).
+    - ``task_blocks``: its rank rows are split into one block per task: rows ``rank_offsets[t]`` to
+      ``rank_offsets[t + 1]`` of ``lora_A`` belong to task t.
+    """
+
+    export_kind: str = "exact"
+    routed: bool = False
+    task_gated: bool = False
+    prompted: bool = False
+    task_blocks: bool = False
+
+    def clear_cache(self) -> None:
+        """Forget what the last training forward cached for the auxiliary losses (nothing here)."""
 
 
-class LinearAdapter(nn.Module):
+class LinearAdapter(AdapterLayer):
     """Base of the adapter layers that wrap one linear.
 
     Subclasses implement ``adapter_output(x)`` (the scaled update, any shape ``(..., d_out)``) and
@@ -110,9 +128,3 @@ class LinearAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scale={self.scale:g}"
-
-
-def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast per-sample values (batch, ...) against activations (batch, [seq,] features)."""
-    extra = x.dim() - 2
-    return values.reshape(values.shape[0], *([1] * extra), *values.shape[1:])

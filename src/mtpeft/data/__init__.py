@@ -1,6 +1,7 @@
-"""Data layer of mtpeft: task specs and loading, presets, the demo suite, metrics, mixing, collation."""
+"""Data layer of mtpeft: task specs, a source registry, loading, presets, the one task-resolution entry point
+(:func:`resolve_task_specs`), the built-in demo suite, metrics, mixing and collation."""
 
-from .builtin import DEMO_TASKS, demo_specs, demo_tasks
+from .builtin import DEMO_TASKS, DemoTask, demo_specs, demo_tasks
 from .collator import (
     IGNORE_INDEX,
     MultiTaskCollator,
@@ -33,6 +34,7 @@ from .presets import (
     COMMONSENSE_TASKS,
     GLUE_TASKS,
     MATH_TASKS,
+    PresetGroup,
     available_presets,
     bbh_task,
     bbh_tasks,
@@ -44,7 +46,10 @@ from .presets import (
     math_tasks,
     preset,
     presets,
+    register_preset_group,
 )
+from .resolve import resolve_task_specs
+from .sources import DATA_ROOT_ENV, SourceKind, locate_source, register_source, resolve_source
 from .tasks import (
     TASK_TYPES,
     TRANSFORMS,
@@ -61,8 +66,10 @@ from .tasks import (
 
 __all__ = [
     "BBH_TASKS",
+    "DATA_ROOT_ENV",
     "COMMONSENSE_TASKS",
     "DEMO_TASKS",
+    "DemoTask",
     "GLUE_TASKS",
     "IGNORE_INDEX",
     "MATH_TASKS",
@@ -74,7 +81,9 @@ __all__ = [
     "Example",
     "MixtureSampler",
     "MultiTaskCollator",
+    "PresetGroup",
     "Record",
+    "SourceKind",
     "TaskData",
     "TaskSpec",
     "TaskSpecError",
@@ -102,6 +111,7 @@ __all__ = [
     "glue_tasks",
     "load_task",
     "load_tasks",
+    "locate_source",
     "math_task",
     "math_tasks",
     "matthews_corrcoef",
@@ -114,7 +124,11 @@ __all__ = [
     "presets",
     "read_located_records",
     "read_records",
+    "register_preset_group",
+    "register_source",
     "register_transform",
+    "resolve_source",
+    "resolve_task_specs",
     "rouge_l",
     "score_example",
     "token_f1",

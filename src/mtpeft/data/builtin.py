@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .loaders import Record
-from .tasks import TaskData, TaskSpec, load_task
+from .presets import register_preset_group
+from .sources import SourceKind, register_source
+from .spec import TaskData, TaskSpec
+from .tasks import load_task
 
-__all__ = ["DEMO_TASKS", "DEFAULT_N_TRAIN", "DEFAULT_N_EVAL", "demo_specs", "demo_tasks", "builtin_records"]
+__all__ = ["DEMO_TASKS", "DEFAULT_N_TRAIN", "DEFAULT_N_EVAL", "DemoTask", "demo_specs", "demo_tasks",
+           "builtin_records"]
 
 #: Default number of generated train / eval examples per task.
 DEFAULT_N_TRAIN = 240
@@ -40,164 +45,32 @@ DEFAULT_N_EVAL = 50
 # ------------------------------------------------------------------------------------- word lists
 
 _SUBJECTS = [
-    "the movie",
-    "the pizza",
-    "the hotel",
-    "this phone",
-    "the concert",
-    "the book",
-    "the service",
-    "the coffee",
-    "the game",
-    "the laptop",
-    "the museum",
-    "the pasta",
-    "the show",
-    "the room",
-    "the staff",
-    "the music",
-    "the trip",
-    "the headphones",
-    "the bakery",
-    "the camera",
+    "the movie", "the pizza", "the hotel", "this phone", "the concert", "the book", "the service", "the coffee",
+    "the game", "the laptop", "the museum", "the pasta", "the show", "the room", "the staff", "the music", "the trip",
+    "the headphones", "the bakery", "the camera",
 ]
 _POSITIVE = [
-    "great",
-    "wonderful",
-    "excellent",
-    "delicious",
-    "amazing",
-    "lovely",
-    "fantastic",
-    "superb",
-    "brilliant",
-    "friendly",
-    "perfect",
-    "enjoyable",
-    "charming",
-    "fabulous",
+    "great", "wonderful", "excellent", "delicious", "amazing", "lovely", "fantastic", "superb", "brilliant", "friendly",
+    "perfect", "enjoyable", "charming", "fabulous",
 ]
 _NEGATIVE = [
-    "terrible",
-    "awful",
-    "boring",
-    "horrible",
-    "disappointing",
-    "bland",
-    "rude",
-    "dreadful",
-    "noisy",
-    "broken",
-    "dirty",
-    "useless",
-    "annoying",
-    "mediocre",
+    "terrible", "awful", "boring", "horrible", "disappointing", "bland", "rude", "dreadful", "noisy", "broken", "dirty",
+    "useless", "annoying", "mediocre",
 ]
 _WORDS = [
-    "cat",
-    "dog",
-    "sun",
-    "tree",
-    "blue",
-    "red",
-    "book",
-    "fish",
-    "milk",
-    "door",
-    "hat",
-    "car",
-    "bird",
-    "cake",
-    "rain",
-    "star",
-    "moon",
-    "lamp",
-    "ship",
-    "gold",
-    "snow",
-    "king",
-    "road",
-    "rock",
-    "wind",
-    "bell",
-    "coin",
-    "frog",
-    "leaf",
-    "ring",
-    "salt",
-    "wolf",
-    "corn",
-    "desk",
-    "fire",
-    "lake",
-    "nest",
-    "pear",
-    "rose",
-    "sand",
-    "town",
-    "wall",
-    "year",
-    "bear",
-    "boat",
-    "cup",
-    "egg",
-    "map",
-    "pen",
-    "box",
+    "cat", "dog", "sun", "tree", "blue", "red", "book", "fish", "milk", "door", "hat", "car", "bird", "cake", "rain",
+    "star", "moon", "lamp", "ship", "gold", "snow", "king", "road", "rock", "wind", "bell", "coin", "frog", "leaf",
+    "ring", "salt", "wolf", "corn", "desk", "fire", "lake", "nest", "pear", "rose", "sand", "town", "wall", "year",
+    "bear", "boat", "cup", "egg", "map", "pen", "box",
 ]
 _NAMES = [
-    "Anna",
-    "Tom",
-    "Maria",
-    "David",
-    "Sara",
-    "James",
-    "Lucy",
-    "Peter",
-    "Emma",
-    "John",
-    "Laura",
-    "Mark",
-    "Nina",
-    "Paul",
-    "Kate",
-    "Alex",
-    "Julia",
-    "Leo",
-    "Mia",
-    "Sam",
+    "Anna", "Tom", "Maria", "David", "Sara", "James", "Lucy", "Peter", "Emma", "John", "Laura", "Mark", "Nina", "Paul",
+    "Kate", "Alex", "Julia", "Leo", "Mia", "Sam",
 ]
 _CITIES = [
-    "Paris",
-    "Berlin",
-    "London",
-    "Rome",
-    "Madrid",
-    "Tokyo",
-    "Boston",
-    "Chicago",
-    "Dublin",
-    "Vienna",
-    "Prague",
-    "Lisbon",
-    "Sydney",
-    "Toronto",
-    "Moscow",
-    "Cairo",
-    "Athens",
-    "Oslo",
-    "Seattle",
-    "Denver",
-    "Miami",
-    "Munich",
-    "Milan",
-    "Warsaw",
-    "Dallas",
-    "Houston",
-    "Amsterdam",
-    "Brussels",
-    "Geneva",
-    "Zurich",
+    "Paris", "Berlin", "London", "Rome", "Madrid", "Tokyo", "Boston", "Chicago", "Dublin", "Vienna", "Prague", "Lisbon",
+    "Sydney", "Toronto", "Moscow", "Cairo", "Athens", "Oslo", "Seattle", "Denver", "Miami", "Munich", "Milan", "Warsaw",
+    "Dallas", "Houston", "Amsterdam", "Brussels", "Geneva", "Zurich",
 ]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _EXTRACT_TEMPLATES = [
@@ -213,18 +86,7 @@ _CATEGORIES: dict[str, list[str]] = {
     "a fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "orange", "plum", "melon"],
     "a color": ["red", "green", "purple", "yellow", "brown", "pink", "black", "white", "gray", "blue"],
     "a tool": ["hammer", "saw", "wrench", "drill", "shovel", "chisel", "pliers", "rake", "axe", "ladder"],
-    "a vehicle": [
-        "truck",
-        "bus",
-        "bicycle",
-        "train",
-        "taxi",
-        "tractor",
-        "scooter",
-        "van",
-        "airplane",
-        "tram",
-    ],
+    "a vehicle": ["truck", "bus", "bicycle", "train", "taxi", "tractor", "scooter", "van", "airplane", "tram"],
     "a body part": ["elbow", "knee", "finger", "shoulder", "ankle", "nose", "ear", "chin", "wrist", "thumb"],
 }
 
@@ -233,6 +95,33 @@ _CATEGORIES: dict[str, list[str]] = {
 Generator = Callable[[random.Random], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class DemoTask:
+    """One built-in task: its record generator, what makes two records the same (for distinct examples), and the
+    fields of its spec besides name and source."""
+
+    generate: Generator
+    identity: Callable[[dict[str, Any]], str]
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+#: name -> the built-in task, in suite order.
+DEMO_TASKS: dict[str, DemoTask] = {}
+
+
+def _demo_task(name: str, identity: Callable[[dict[str, Any]], str], **spec: Any) -> Callable[[Generator], Generator]:
+    """Register the decorated record generator as the built-in task ``name`` with these spec fields."""
+
+    def deco(generate: Generator) -> Generator:
+        DEMO_TASKS[name] = DemoTask(generate, identity, spec)
+        return generate
+
+    return deco
+
+
+@_demo_task("sentiment", lambda r: r["text"], type="classification", prompt="Review: {text}\nSentiment:",
+            target=" {label}", labels=["negative", "positive"], metric="accuracy",
+            description="positive/negative review sentences, with negation and contrast clauses")
 def _sentiment(rng: random.Random) -> dict[str, Any]:
     s1, s2 = rng.sample(_SUBJECTS, 2)
     label = rng.choice(["positive", "negative"])
@@ -250,16 +139,22 @@ def _sentiment(rng: random.Random) -> dict[str, Any]:
     return {"text": text, "label": label}
 
 
+@_demo_task("arithmetic", lambda r: f"{r['a']}+{r['b']}", prompt="Add: {a}+{b}=", target=" {answer}",
+            metric="exact_match", description="sum of two numbers below 100")
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
     a, b = rng.randrange(100), rng.randrange(100)
     return {"a": a, "b": b, "answer": str(a + b)}
 
 
+@_demo_task("reverse", lambda r: r["words"], prompt="Reverse the words: {words}\nAnswer:", target=" {answer}",
+            metric="exact_match", description="write three words in reverse order")
 def _reverse(rng: random.Random) -> dict[str, Any]:
     words = rng.sample(_WORDS, 3)
     return {"words": " ".join(words), "answer": " ".join(reversed(words))}
 
 
+@_demo_task("extract", lambda r: r["sentence"], prompt="{sentence}\nCity:", target=" {city}",
+            metric="exact_match", description="copy the city named in a sentence")
 def _extract(rng: random.Random) -> dict[str, Any]:
     name, name2 = rng.sample(_NAMES, 2)
     city = rng.choice(_CITIES)
@@ -268,6 +163,9 @@ def _extract(rng: random.Random) -> dict[str, Any]:
     return {"sentence": sentence, "city": city}
 
 
+@_demo_task("category", lambda r: f"{r['category']}|{r['choices']}", type="multiple_choice",
+            prompt="Which of these is {category}: {choices}?\nAnswer:", target=" {answer}", options_field="options",
+            metric="accuracy", description="pick the word of the named category among three")
 def _category(rng: random.Random) -> dict[str, Any]:
     cat, *others = rng.sample(sorted(_CATEGORIES), 3)
     answer = rng.choice(_CATEGORIES[cat])
@@ -277,81 +175,13 @@ def _category(rng: random.Random) -> dict[str, Any]:
     return {"category": cat, "options": options, "choices": ", ".join(options), "answer": answer}
 
 
-def _spec(name: str, **kw: Any) -> TaskSpec:
-    return TaskSpec(name=name, source=f"builtin:{name}", **kw)
-
-
-#: name -> (spec factory, record generator, how a record's identity is keyed for uniqueness)
-DEMO_TASKS: dict[str, tuple[Callable[[], TaskSpec], Generator, Callable[[dict[str, Any]], str]]] = {
-    "sentiment": (
-        lambda: _spec(
-            "sentiment",
-            type="classification",
-            prompt="Review: {text}\nSentiment:",
-            target=" {label}",
-            labels=["negative", "positive"],
-            metric="accuracy",
-            description="positive/negative review sentences, with negation and contrast clauses",
-        ),
-        _sentiment,
-        lambda r: r["text"],
-    ),
-    "arithmetic": (
-        lambda: _spec(
-            "arithmetic",
-            prompt="Add: {a}+{b}=",
-            target=" {answer}",
-            metric="exact_match",
-            description="sum of two numbers below 100",
-        ),
-        _arithmetic,
-        lambda r: f"{r['a']}+{r['b']}",
-    ),
-    "reverse": (
-        lambda: _spec(
-            "reverse",
-            prompt="Reverse the words: {words}\nAnswer:",
-            target=" {answer}",
-            metric="exact_match",
-            description="write three words in reverse order",
-        ),
-        _reverse,
-        lambda r: r["words"],
-    ),
-    "extract": (
-        lambda: _spec(
-            "extract",
-            prompt="{sentence}\nCity:",
-            target=" {city}",
-            metric="exact_match",
-            description="copy the city named in a sentence",
-        ),
-        _extract,
-        lambda r: r["sentence"],
-    ),
-    "category": (
-        lambda: _spec(
-            "category",
-            type="multiple_choice",
-            prompt="Which of these is {category}: {choices}?\nAnswer:",
-            target=" {answer}",
-            options_field="options",
-            metric="accuracy",
-            description="pick the word of the named category among three",
-        ),
-        _category,
-        lambda r: f"{r['category']}|{r['choices']}",
-    ),
-}
-
-
 def _task_seed(seed: int, name: str) -> int:
     # Stable across processes (str hash is salted): derive from the name's bytes.
     return seed * 1_000_003 + sum((i + 1) * b for i, b in enumerate(name.encode()))
 
 
 def _generate(name: str, seed: int, n: int) -> list[dict[str, Any]]:
-    _, gen, key = DEMO_TASKS[name]
+    task = DEMO_TASKS[name]
     rng = random.Random(_task_seed(seed, name))
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
@@ -360,8 +190,8 @@ def _generate(name: str, seed: int, n: int) -> list[dict[str, Any]]:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise ValueError(f"demo task {name!r}: cannot generate {n} distinct examples (got {len(out)})")
-        rec = gen(rng)
-        k = key(rec)
+        rec = task.generate(rng)
+        k = task.identity(rec)
         if k in seen:
             continue
         seen.add(k)
@@ -369,17 +199,16 @@ def _generate(name: str, seed: int, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def builtin_records(spec: TaskSpec) -> tuple[list[Record], list[Record]]:
+def builtin_records(spec: TaskSpec, name: str | None = None) -> tuple[list[Record], list[Record]]:
     """Generate the train and eval records of a ``builtin:<name>`` spec (disjoint, deterministic).
 
-    Counts are ``spec.max_train`` / ``spec.max_eval`` (defaults :data:`DEFAULT_N_TRAIN` /
-    :data:`DEFAULT_N_EVAL`); the generator seed is ``spec.seed``.
+    ``name`` defaults to the part of ``spec.source`` after ``builtin:``. Counts are ``spec.max_train`` /
+    ``spec.max_eval`` (defaults :data:`DEFAULT_N_TRAIN` / :data:`DEFAULT_N_EVAL`); the generator seed is
+    ``spec.seed``.
     """
-    name = spec.source.split(":", 1)[1]
+    name = spec.source.split(":", 1)[1] if name is None else name
     if name not in DEMO_TASKS:
-        raise ValueError(
-            f"task {spec.name!r}: unknown builtin task {name!r}; available: {sorted(DEMO_TASKS)}"
-        )
+        raise ValueError(f"task {spec.name!r}: unknown builtin task {name!r}; available: {sorted(DEMO_TASKS)}")
     if spec.eval_source is not None or spec.eval_split is not None or spec.test_size is not None:
         raise ValueError(
             f"task {spec.name!r}: builtin tasks generate disjoint train/eval sets themselves; "
@@ -405,12 +234,8 @@ def demo_specs(
     unknown = [n for n in chosen if n not in DEMO_TASKS]
     if unknown:
         raise ValueError(f"unknown demo task(s) {unknown}; available: {list(DEMO_TASKS)}")
-    specs = []
-    for n in chosen:
-        spec = DEMO_TASKS[n][0]()
-        spec.seed, spec.max_train, spec.max_eval = seed, n_train, n_eval
-        specs.append(spec)
-    return specs
+    return [TaskSpec(name=n, source=f"builtin:{n}", seed=seed, max_train=n_train, max_eval=n_eval,
+                     **DEMO_TASKS[n].spec) for n in chosen]
 
 
 def demo_tasks(
@@ -424,3 +249,9 @@ def demo_tasks(
     Train and eval examples of a task never share a prompt.
     """
     return [(spec, load_task(spec)) for spec in demo_specs(seed, n_train, n_eval, names)]
+
+
+# ``builtin:<task>`` sources, and the ``demo`` / ``demo:<task>`` presets (generated from the run's seed)
+register_source("builtin", SourceKind("built-in demo task", generate=builtin_records))
+register_preset_group("demo", tuple(DEMO_TASKS),
+                      lambda root, names, seed: demo_specs(seed=0 if seed is None else seed, names=names))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import TruncationError
-from .tasks import Example
+from .spec import Example
 
 __all__ = [
     "IGNORE_INDEX",
@@ -21,10 +21,12 @@ __all__ = [
     "TruncationError",
     "MultiTaskCollator",
     "encode_prompts",
+    "pad_rows",
     "tokenize_prompt",
     "tokenize_target",
     "pad_token_id",
     "eos_token_id",
+    "truncate_prompt_left",
 ]
 
 #: Label value ignored by the loss.
@@ -86,6 +88,55 @@ def _truncate_left(ids: list[int], keep: int, n_special: int) -> list[int]:
         return ids
     n_special = min(n_special, keep)
     return ids[:n_special] + ids[len(ids) - (keep - n_special) :]
+
+
+def truncate_prompt_left(tokenizer: Any, ids: list[int], keep: int) -> list[int]:
+    """A prompt's token ids cut to ``keep`` tokens as the collator cuts them: leading special tokens plus the end."""
+    return _truncate_left(ids, keep, _leading_specials(ids, _special_ids(tokenizer)))
+
+
+def _pads_itself(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own ``pad`` can pad input ids: it has one and a pad token (``pad`` refuses to pad
+    without one, where mtpeft pads with EOS)."""
+    names = getattr(tokenizer, "model_input_names", None) or ["input_ids"]
+    return callable(getattr(tokenizer, "pad", None)) and getattr(tokenizer, "pad_token_id", None) is not None \
+        and names[0] == "input_ids"
+
+
+def pad_rows(tokenizer: Any, rows: Sequence[Sequence[int]], side: str = "right", pad_to_multiple_of: int | None = None,
+             labels: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Pad rows of token ids to one width on ``side`` (``"right"`` for training, ``"left"`` for generation): LongTensors
+    ``input_ids`` and ``attention_mask``, and ``labels`` (padded with IGNORE_INDEX) when given.
+
+    The tokenizer's own ``pad`` pads where the tokenizer has a pad token; without one EOS pads, the same way by hand.
+    The width is the longest row, rounded up to a multiple of ``pad_to_multiple_of``.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if _pads_itself(tokenizer):
+        padded = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, padding_side=side,
+                               pad_to_multiple_of=pad_to_multiple_of, return_attention_mask=True, return_tensors="pt")
+        out = {"input_ids": padded["input_ids"].long(), "attention_mask": padded["attention_mask"].long()}
+    else:
+        width = max(len(r) for r in rows)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        out = {"input_ids": torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long),
+               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+        for i, r in enumerate(rows):
+            _place(out["input_ids"][i], r, side)
+            _place(out["attention_mask"][i], [1] * len(r), side)
+    if labels is not None:
+        out["labels"] = torch.full_like(out["input_ids"], IGNORE_INDEX)
+        for i, r in enumerate(labels):
+            _place(out["labels"][i], r, side)
+    return out
+
+
+def _place(row: torch.Tensor, values: Sequence[int], side: str) -> None:
+    if values:
+        where = slice(0, len(values)) if side == "right" else slice(row.numel() - len(values), row.numel())
+        row[where] = torch.tensor(values, dtype=torch.long)
 
 
 class MultiTaskCollator:
@@ -181,25 +232,10 @@ class MultiTaskCollator:
         if not batch:
             raise ValueError("cannot collate an empty batch")
         encoded = [self.encode(ex, i) for i, ex in enumerate(batch)]
-        width = max(len(ids) for ids, _ in encoded)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            width = ((width + m - 1) // m) * m
-        n = len(batch)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, labs) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
-        task_ids = torch.tensor([self.task_id(ex.task) for ex in batch], dtype=torch.long)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "task_ids": task_ids,
-        }
+        padded = pad_rows(self.tokenizer, [ids for ids, _ in encoded], side="right",
+                          pad_to_multiple_of=self.pad_to_multiple_of or None, labels=[labs for _, labs in encoded])
+        padded["task_ids"] = torch.tensor([self.task_id(ex.task) for ex in batch], dtype=torch.long)
+        return padded
 
 
 def encode_prompts(
@@ -216,12 +252,4 @@ def encode_prompts(
     rows = [tokenize_prompt(tokenizer, p) for p in prompts]
     if max_length is not None:
         rows = [_truncate_left(r, max_length, _leading_specials(r, specials)) for r in rows]
-    width = max(len(r) for r in rows)
-    pad = pad_token_id(tokenizer)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, width - len(r) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return pad_rows(tokenizer, rows, side="left")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["STRATEGIES", "MixtureSampler", "mixture_probabilities", "batch_examples"]
+__all__ = ["STRATEGIES", "MixtureSampler", "mixture_probabilities", "batch_examples", "leading_batches"]
 
 #: Allowed sampling strategies.
 STRATEGIES: tuple[str, ...] = ("proportional", "temperature", "uniform")
@@ -245,3 +245,10 @@ class MixtureSampler:
 def batch_examples(batch: Sequence[tuple[int, int]], per_task: Sequence[Sequence[T]]) -> list[T]:
     """Look up a sampler batch: ``[per_task[t][i] for t, i in batch]``."""
     return [per_task[t][i] for t, i in batch]
+
+
+def leading_batches(per_task: Sequence[Sequence[T]], batch_size: int, count: int) -> list[list[T]]:
+    """The first ``count`` batches of every task's examples in order, one task after another (calibration data);
+    a task with fewer examples gives fewer batches."""
+    return [list(chunk) for examples in per_task for b in range(count)
+            if (chunk := examples[b * batch_size:(b + 1) * batch_size])]

@@ -1,15 +1,16 @@
-"""Named task presets for the shared datasets (``../shared/data``) and the built-in demo suite.
+"""Named task presets: the shared benchmark datasets (BBH, GLUE, commonsense, math) under the data root, and
+groups that other modules register (the built-in demo suite, :mod:`mtpeft.data.builtin`).
 
 Preset names: ``bbh27`` (alias ``bbh``), ``bbh:<task>``, ``glue``, ``glue:<task>``, ``commonsense``,
-``commonsense:<task>``, ``math``, ``math:<task>``, ``demo``, ``demo:<task>``; see
-:func:`available_presets`. Sources are paths relative to the data root (``data_root=None`` keeps them
-relative, to be resolved by ``load_task``; a given ``data_root`` is joined in).
+``commonsense:<task>``, ``math``, ``math:<task>``, ``demo``, ``demo:<task>``, and ``group:a,b`` for several tasks
+of a group; see :func:`available_presets`. Sources are paths relative to the data root (``data_root=None`` keeps
+them relative, to be resolved by ``load_task`` against ``data.root`` or ``$MTPEFT_DATA_ROOT``; a given
+``data_root`` is joined in).
 
 Split policies:
 
 * BBH (27 tasks): per task, shuffle with ``random.Random(0)``, eval = ``min(100, n // 3)``, train = the
-  rest (4,350 train / 2,161 eval in total), as in ``docs/anchors.md``. Prompt ``Q: {input}\\nA:``,
-  target `` {target}``, metric ``bbh``.
+  rest (4,350 train / 2,161 eval in total). Prompt ``Q: {input}\\nA:``, target `` {target}``, metric ``bbh``.
 * GLUE: train = ``train.tsv``, eval = ``dev.tsv`` (test labels are not public). Classification by
   option log-likelihood over label words (``no``/``yes``, ``negative``/``positive``). CoLA: MCC
   (and accuracy); SST-2, RTE, WNLI: accuracy; MRPC: accuracy and binary F1 of ``yes``; STS-B:
@@ -26,16 +27,20 @@ Split policies:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .tasks import TaskSpec
+from .spec import TaskSpec
 
 __all__ = [
     "BBH_TASKS",
     "GLUE_TASKS",
     "COMMONSENSE_TASKS",
     "MATH_TASKS",
+    "PresetGroup",
     "bbh_task",
     "bbh_tasks",
     "glue_task",
@@ -47,36 +52,18 @@ __all__ = [
     "preset",
     "presets",
     "available_presets",
+    "register_preset_group",
 ]
 
 #: The 27 BIG-Bench-Hard tasks (file stems of ``bbh/bbh/*.json``).
 BBH_TASKS: tuple[str, ...] = (
-    "boolean_expressions",
-    "causal_judgement",
-    "date_understanding",
-    "disambiguation_qa",
-    "dyck_languages",
-    "formal_fallacies",
-    "geometric_shapes",
-    "hyperbaton",
-    "logical_deduction_five_objects",
-    "logical_deduction_seven_objects",
-    "logical_deduction_three_objects",
-    "movie_recommendation",
-    "multistep_arithmetic_two",
-    "navigate",
-    "object_counting",
-    "penguins_in_a_table",
-    "reasoning_about_colored_objects",
-    "ruin_names",
-    "salient_translation_error_detection",
-    "snarks",
-    "sports_understanding",
-    "temporal_sequences",
-    "tracking_shuffled_objects_five_objects",
-    "tracking_shuffled_objects_seven_objects",
-    "tracking_shuffled_objects_three_objects",
-    "web_of_lies",
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
+    "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+    "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
+    "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
+    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
+    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
     "word_sorting",
 )
 
@@ -120,89 +107,25 @@ def bbh_tasks(data_root: str | Path | None = None, names: Sequence[str] | None =
 # ------------------------------------------------------------------------------------------- GLUE
 
 _PAIR_PROMPT = "Sentence 1: {sentence1}\nSentence 2: {sentence2}\n"
-_ENTAIL_PROMPT = (
-    "Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the hypothesis? Answer:"
-)
+_ENTAIL_PROMPT = "Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the hypothesis? Answer:"
 _NO_YES = {"0": "no", "1": "yes"}
 
-_GLUE: dict[str, Callable[[str | Path | None], TaskSpec]] = {
-    "cola": lambda r: TaskSpec(
-        name="cola",
-        source=_src(r, "glue/CoLA/train.tsv"),
-        eval_source=_src(r, "glue/CoLA/dev.tsv"),
-        columns=["source", "label", "original_label", "sentence"],
-        tsv_header=False,
-        type="classification",
-        prompt="Sentence: {sentence}\nIs this sentence grammatically acceptable? Answer:",
-        target=" {label}",
-        labels=["no", "yes"],
-        label_map=_NO_YES,
-        metric="mcc",
-        extra_metrics=["accuracy"],
-        description="GLUE CoLA (train.tsv/dev.tsv have no header)",
-    ),
-    "sst2": lambda r: TaskSpec(
-        name="sst2",
-        source=_src(r, "glue/SST-2/train.tsv"),
-        eval_source=_src(r, "glue/SST-2/dev.tsv"),
-        type="classification",
-        prompt="Review: {sentence}\nSentiment:",
-        target=" {label}",
-        labels=["negative", "positive"],
-        label_map={"0": "negative", "1": "positive"},
-        metric="accuracy",
-        description="GLUE SST-2",
-    ),
-    "mrpc": lambda r: TaskSpec(
-        name="mrpc",
-        source=_src(r, "glue/MRPC/train.tsv"),
-        eval_source=_src(r, "glue/MRPC/dev.tsv"),
-        fields={"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"},
-        type="classification",
-        prompt=_PAIR_PROMPT + "Do both sentences mean the same thing? Answer:",
-        target=" {label}",
-        labels=["no", "yes"],
-        label_map=_NO_YES,
-        positive_label="yes",
-        metric="accuracy",
-        extra_metrics=["f1"],
-        description="GLUE MRPC",
-    ),
-    "stsb": lambda r: TaskSpec(
-        name="stsb",
-        source=_src(r, "glue/STS-B/train.tsv"),
-        eval_source=_src(r, "glue/STS-B/dev.tsv"),
-        type="generation",
-        prompt=_PAIR_PROMPT + "Similarity from 0 to 5:",
-        target=" {score}",
-        transform="one_decimal_score",
-        metric="pearson",
-        description="GLUE STS-B as generation of the score (one decimal), Pearson correlation",
-    ),
-    "rte": lambda r: TaskSpec(
-        name="rte",
-        source=_src(r, "glue/RTE/train.tsv"),
-        eval_source=_src(r, "glue/RTE/dev.tsv"),
-        type="classification",
-        prompt=_ENTAIL_PROMPT,
-        target=" {label}",
-        labels=["no", "yes"],
-        label_map={"not_entailment": "no", "entailment": "yes"},
-        metric="accuracy",
-        description="GLUE RTE",
-    ),
-    "wnli": lambda r: TaskSpec(
-        name="wnli",
-        source=_src(r, "glue/WNLI/train.tsv"),
-        eval_source=_src(r, "glue/WNLI/dev.tsv"),
-        type="classification",
-        prompt=_ENTAIL_PROMPT,
-        target=" {label}",
-        labels=["no", "yes"],
-        label_map=_NO_YES,
-        metric="accuracy",
-        description="GLUE WNLI",
-    ),
+#: name -> the spec's fields where they differ from a yes/no classification by accuracy over ``glue/<folder>/``.
+_GLUE: dict[str, dict[str, Any]] = {
+    "cola": {"folder": "CoLA", "prompt": "Sentence: {sentence}\nIs this sentence grammatically acceptable? Answer:",
+             "columns": ["source", "label", "original_label", "sentence"], "tsv_header": False, "metric": "mcc",
+             "extra_metrics": ["accuracy"], "description": "GLUE CoLA (train.tsv/dev.tsv have no header)"},
+    "sst2": {"folder": "SST-2", "prompt": "Review: {sentence}\nSentiment:", "labels": ["negative", "positive"],
+             "label_map": {"0": "negative", "1": "positive"}},
+    "mrpc": {"folder": "MRPC", "prompt": _PAIR_PROMPT + "Do both sentences mean the same thing? Answer:",
+             "fields": {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"},
+             "positive_label": "yes", "extra_metrics": ["f1"]},
+    "stsb": {"folder": "STS-B", "prompt": _PAIR_PROMPT + "Similarity from 0 to 5:", "type": "generation",
+             "target": " {score}", "labels": None, "label_map": None, "transform": "one_decimal_score",
+             "metric": "pearson",
+             "description": "GLUE STS-B as generation of the score (one decimal), Pearson correlation"},
+    "rte": {"folder": "RTE", "prompt": _ENTAIL_PROMPT, "label_map": {"not_entailment": "no", "entailment": "yes"}},
+    "wnli": {"folder": "WNLI", "prompt": _ENTAIL_PROMPT},
 }
 #: GLUE task names (the ones shipped in ``glue/``).
 GLUE_TASKS: tuple[str, ...] = tuple(_GLUE)
@@ -211,7 +134,12 @@ GLUE_TASKS: tuple[str, ...] = tuple(_GLUE)
 def glue_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
     """Spec of one GLUE task (train.tsv -> dev.tsv)."""
     _check(name, GLUE_TASKS, "GLUE")
-    return _GLUE[name](data_root)
+    fields = copy.deepcopy(_GLUE[name])
+    folder = fields.pop("folder")
+    spec = {"type": "classification", "target": " {label}", "labels": ["no", "yes"], "label_map": dict(_NO_YES),
+            "metric": "accuracy", "description": f"GLUE {folder}", **fields}
+    return TaskSpec(name=name, source=_src(data_root, f"glue/{folder}/train.tsv"),
+                    eval_source=_src(data_root, f"glue/{folder}/dev.tsv"), **spec)
 
 
 def glue_tasks(data_root: str | Path | None = None, names: Sequence[str] | None = None) -> list[TaskSpec]:
@@ -219,88 +147,61 @@ def glue_tasks(data_root: str | Path | None = None, names: Sequence[str] | None 
     return [glue_task(n, data_root) for n in (GLUE_TASKS if names is None else names)]
 
 
-# ------------------------------------------------------------------------------------ commonsense
+# ------------------------------------------------------------------------- commonsense and math
 
-#: name -> (folder, has train.json)
-_COMMONSENSE: dict[str, tuple[str, bool]] = {
-    "boolq": ("boolq", True),
-    "piqa": ("piqa", False),
-    "siqa": ("social_i_qa", False),
-    "winogrande": ("winogrande", False),
-    "arc_easy": ("ARC-Easy", True),
-    "arc_challenge": ("ARC-Challenge", True),
-    "obqa": ("openbookqa", True),
-}
+#: name -> folder under ``commonsense_math/`` (LLM-Adapters' commonsense sets)
+_COMMONSENSE = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "winogrande": "winogrande",
+                "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "obqa": "openbookqa"}
+_COMMONSENSE_WITH_TRAIN = {"boolq", "arc_easy", "arc_challenge", "obqa"}  # the others ship only test.json
 #: Commonsense task names.
 COMMONSENSE_TASKS: tuple[str, ...] = tuple(_COMMONSENSE)
+
+#: name -> folder under ``commonsense_math/`` (LLM-Adapters' math sets; all ship only test.json)
+_MATH = {"gsm8k": "gsm8k", "addsub": "AddSub", "multiarith": "MultiArith", "singleeq": "SingleEq",
+         "svamp": "SVAMP", "mawps": "mawps", "aqua": "AQuA", "mathqa": "mathqa"}
+_MATH_LETTERED = {"aqua", "mathqa"}  # answered by a letter A-E
+#: Math task names.
+MATH_TASKS: tuple[str, ...] = tuple(_MATH)
+
+
+def _llm_adapters_task(name: str, folder: str, data_root: str | Path | None, has_train: bool,
+                       **fields: Any) -> TaskSpec:
+    """An LLM-Adapters task: ``train.json`` -> ``test.json``, or ``test.json`` split with seed 0 (eval = n // 3)."""
+    base = f"commonsense_math/{folder}"
+    split: dict[str, Any] = (
+        {"source": _src(data_root, f"{base}/train.json"), "eval_source": _src(data_root, f"{base}/test.json")}
+        if has_train
+        else {"source": _src(data_root, f"{base}/test.json"), "test_size": _ONE_THIRD}
+    )
+    return TaskSpec(name=name, target=" {answer}", seed=0, **split, **fields)
 
 
 def commonsense_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
     """Spec of one LLM-Adapters commonsense task (multiple choice over the instruction's answer format)."""
     _check(name, COMMONSENSE_TASKS, "commonsense")
-    folder, has_train = _COMMONSENSE[name]
-    base = f"commonsense_math/{folder}"
-    split_kw: dict[str, object] = (
-        {"source": _src(data_root, f"{base}/train.json"), "eval_source": _src(data_root, f"{base}/test.json")}
-        if has_train
-        else {"source": _src(data_root, f"{base}/test.json"), "test_size": _ONE_THIRD}
-    )
-    return TaskSpec(
-        name=name,
-        type="multiple_choice",
-        prompt="{instruction}\nAnswer:",
-        target=" {answer}",
-        options_field="options",
-        transform="llm_adapters_options",
-        metric="accuracy",
-        seed=0,
-        description=f"LLM-Adapters {folder}",
-        **split_kw,  # type: ignore[arg-type]
-    )
+    folder = _COMMONSENSE[name]
+    return _llm_adapters_task(name, folder, data_root, name in _COMMONSENSE_WITH_TRAIN, type="multiple_choice",
+                              prompt="{instruction}\nAnswer:", options_field="options",
+                              transform="llm_adapters_options", metric="accuracy",
+                              description=f"LLM-Adapters {folder}")
 
 
-def commonsense_tasks(
-    data_root: str | Path | None = None, names: Sequence[str] | None = None
-) -> list[TaskSpec]:
+def commonsense_tasks(data_root: str | Path | None = None, names: Sequence[str] | None = None) -> list[TaskSpec]:
     """Specs of the commonsense tasks (or ``names``)."""
     return [commonsense_task(n, data_root) for n in (COMMONSENSE_TASKS if names is None else names)]
-
-
-# ------------------------------------------------------------------------------------------- math
-
-#: name -> (folder, answered by a letter A-E)
-_MATH: dict[str, tuple[str, bool]] = {
-    "gsm8k": ("gsm8k", False),
-    "addsub": ("AddSub", False),
-    "multiarith": ("MultiArith", False),
-    "singleeq": ("SingleEq", False),
-    "svamp": ("SVAMP", False),
-    "mawps": ("mawps", False),
-    "aqua": ("AQuA", True),
-    "mathqa": ("mathqa", True),
-}
-#: Math task names.
-MATH_TASKS: tuple[str, ...] = tuple(_MATH)
 
 
 def math_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
     """Spec of one LLM-Adapters math task (answer-only; numeric match, or A-E multiple choice)."""
     _check(name, MATH_TASKS, "math")
-    folder, lettered = _MATH[name]
-    common = {
-        "name": name,
-        "source": _src(data_root, f"commonsense_math/{folder}/test.json"),
-        "prompt": "Q: {instruction}\nA:",
-        "target": " {answer}",
-        "test_size": _ONE_THIRD,
-        "seed": 0,
-        "description": f"LLM-Adapters {folder} (test.json split with seed 0)",
-    }
-    if lettered:
-        return TaskSpec(
-            **common, type="multiple_choice", options=["A", "B", "C", "D", "E"], metric="accuracy"
-        )  # type: ignore[arg-type]
-    return TaskSpec(**common, type="generation", transform="numeric_answer", metric="numeric")  # type: ignore[arg-type]
+    folder = _MATH[name]
+    answer: dict[str, Any] = (
+        {"type": "multiple_choice", "options": ["A", "B", "C", "D", "E"], "metric": "accuracy"}
+        if name in _MATH_LETTERED
+        else {"type": "generation", "transform": "numeric_answer", "metric": "numeric"}
+    )
+    return _llm_adapters_task(name, folder, data_root, False, prompt="Q: {instruction}\nA:",
+                              description=f"LLM-Adapters {folder} (test.json split with seed 0)", **answer)
 
 
 def math_tasks(data_root: str | Path | None = None, names: Sequence[str] | None = None) -> list[TaskSpec]:
@@ -308,60 +209,71 @@ def math_tasks(data_root: str | Path | None = None, names: Sequence[str] | None 
     return [math_task(n, data_root) for n in (MATH_TASKS if names is None else names)]
 
 
-# ----------------------------------------------------------------------------------------- lookup
+# ----------------------------------------------------------------------------------------- groups
+
+#: ``build(data_root, names, seed)``: the specs of a group's tasks (``names=None``: all of them). ``seed`` is the
+#: run's seed, for groups whose tasks are generated from it; the shared-data groups split with a fixed seed.
+GroupBuilder = Callable[[str | Path | None, Sequence[str] | None, int | None], list[TaskSpec]]
 
 
-def _demo_specs(names: Sequence[str] | None = None) -> list[TaskSpec]:
-    from .builtin import demo_specs
+@dataclass(frozen=True)
+class PresetGroup:
+    """A named group of presets: its task names and how to build their specs."""
 
-    return demo_specs(names=names)
-
-
-def _demo_names() -> tuple[str, ...]:
-    from .builtin import DEMO_TASKS
-
-    return tuple(DEMO_TASKS)
+    tasks: tuple[str, ...]
+    build: GroupBuilder
 
 
-_GROUPS: dict[str, tuple[Callable[[], Sequence[str]], Callable[..., list[TaskSpec]]]] = {
-    "bbh": (lambda: BBH_TASKS, lambda root, names=None: bbh_tasks(root, names)),
-    "glue": (lambda: GLUE_TASKS, lambda root, names=None: glue_tasks(root, names)),
-    "commonsense": (lambda: COMMONSENSE_TASKS, lambda root, names=None: commonsense_tasks(root, names)),
-    "math": (lambda: MATH_TASKS, lambda root, names=None: math_tasks(root, names)),
-    "demo": (_demo_names, lambda root, names=None: _demo_specs(names)),
-}
+_GROUPS: dict[str, PresetGroup] = {}
 _ALIASES = {"bbh27": "bbh"}
+
+
+def register_preset_group(name: str, tasks: Sequence[str], build: GroupBuilder) -> PresetGroup:
+    """Make ``name`` and ``name:<task>`` presets (see :func:`preset`)."""
+    if name in _GROUPS or name in _ALIASES or not name or ":" in name:
+        raise ValueError(f"cannot register a preset group named {name!r} (taken, or not a plain name)")
+    _GROUPS[name] = PresetGroup(tuple(tasks), build)
+    return _GROUPS[name]
+
+
+register_preset_group("bbh", BBH_TASKS, lambda root, names, seed: bbh_tasks(root, names))
+register_preset_group("glue", GLUE_TASKS, lambda root, names, seed: glue_tasks(root, names))
+register_preset_group("commonsense", COMMONSENSE_TASKS, lambda root, names, seed: commonsense_tasks(root, names))
+register_preset_group("math", MATH_TASKS, lambda root, names, seed: math_tasks(root, names))
 
 
 def available_presets() -> list[str]:
     """All preset names: the groups (``bbh27``, ``bbh``, ``glue``, ``commonsense``, ``math``, ``demo``)
     and every ``group:task``."""
     out = ["bbh27", *_GROUPS]
-    for group, (names, _) in _GROUPS.items():
-        out += [f"{group}:{n}" for n in names()]
+    for group, found in _GROUPS.items():
+        out += [f"{group}:{n}" for n in found.tasks]
     return out
 
 
-def preset(name: str, data_root: str | Path | None = None) -> list[TaskSpec]:
+def preset(name: str, data_root: str | Path | None = None, *, seed: int | None = None) -> list[TaskSpec]:
     """Task specs of preset ``name`` (see :func:`available_presets`), e.g. ``"bbh27"``,
-    ``"bbh:boolean_expressions"``, ``"glue"``, ``"math:gsm8k"``.
+    ``"bbh:boolean_expressions"``, ``"glue"``, ``"math:gsm8k"``, ``"demo:arithmetic,reverse"``. ``seed``
+    reaches groups generated from the run's seed (``demo``; default 0).
 
     Raises:
         ValueError: unknown preset (the message lists the groups and how to name a single task).
     """
-    group, _, task = name.strip().partition(":")
+    group, _, tasks = name.strip().partition(":")
     group = _ALIASES.get(group, group)
     if group not in _GROUPS:
         raise ValueError(
             f"unknown preset {name!r}; available groups: {['bbh27', *_GROUPS]}, or 'group:task' "
             "(see available_presets())"
         )
-    names_fn, build = _GROUPS[group]
-    if not task:
-        return build(data_root)
-    if task not in names_fn():
-        raise ValueError(f"unknown task {task!r} in preset group {group!r}; available: {list(names_fn())}")
-    return build(data_root, [task])
+    found = _GROUPS[group]
+    if not tasks:
+        return found.build(data_root, None, seed)
+    names = tasks.split(",")
+    unknown = [t for t in names if t not in found.tasks]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r} in preset group {group!r}; available: {list(found.tasks)}")
+    return found.build(data_root, names, seed)
 
 
 def presets(names: Sequence[str], data_root: str | Path | None = None) -> list[TaskSpec]:

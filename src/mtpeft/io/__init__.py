@@ -1,1 +1,1 @@
-"""Files: atomic writes, PEFT export and approximate export of input-routed adapters."""
+"""Files: adapter save/load, atomic writes, PEFT export and approximate export of input-routed adapters."""

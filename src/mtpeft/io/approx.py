@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..core.layers import LinearAdapter
-from ..model import MergeError
-from .export import svd_truncate
-
-if TYPE_CHECKING:
-    from ..model import MTModel
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+from ..core.layers import AdapterLayer
+from ..core.lowrank import Factors, svd_truncate, truncate_factors
+from ..errors import MergeError
 
 
 class _Tokens:
@@ -148,7 +144,7 @@ class _BlockProbe(_Probe):
             on_pair(h, delta)
 
         self.handles.append(self.layer.output_linear().register_forward_pre_hook(pre_hook))
-        self.layer._observer = observer
+        self.handles.append(self.layer.add_delta_observer(observer))
 
     def attach_stats(self) -> None:
         def on_pair(h, delta):
@@ -176,17 +172,12 @@ class _BlockProbe(_Probe):
 
     def remove(self) -> None:
         super().remove()
-        self.layer._observer = None
         self.h = None
 
 
-def _is_component(layer: torch.nn.Module) -> bool:
-    return isinstance(layer, LinearAdapter) and all(
-        hasattr(layer, n) for n in ("routing_weights", "expected_delta_weight", "num_groups", "num_experts"))
-
-
-def _is_block(layer: torch.nn.Module) -> bool:
-    return all(hasattr(layer, n) for n in ("block_delta", "output_linear", "out_linear_name", "_observer"))
+def _export_kind(layer: nn.Module) -> str:
+    """The layer's declared ``export_kind`` ('none' for a module that is no AdapterLayer)."""
+    return layer.export_kind if isinstance(layer, AdapterLayer) else "none"
 
 
 def _row_select(batch: dict[str, Any], rows: torch.Tensor | None) -> dict[str, Any]:
@@ -197,7 +188,7 @@ def _row_select(batch: dict[str, Any], rows: torch.Tensor | None) -> dict[str, A
             for k, v in batch.items()}
 
 
-def _run(model: MTModel, batches: list[dict[str, Any]], tid: int | None, tokens: _Tokens) -> int:
+def _run(model: nn.Module, batches: list[dict[str, Any]], tid: int | None, tokens: _Tokens) -> int:
     """Forward the calibration rows of task ``tid`` (all rows if None); returns the number of valid tokens."""
     seen = 0
     device = model.device
@@ -228,7 +219,7 @@ def _run(model: MTModel, batches: list[dict[str, Any]], tid: int | None, tokens:
     return seen
 
 
-def approximate_factors(model: MTModel, task: int | str | None, rank: int,
+def approximate_factors(model: nn.Module, task: int | str | None, rank: int,
                         calibration: Iterable[dict[str, Any]] | None, *, ridge: float = 1e-6,
                         modules_per_pass: int | None = None) -> tuple[Factors, dict[str, Any]]:
     """Rank-``rank`` plain-LoRA factors approximating ``task``'s update, and a report of the error.
@@ -242,17 +233,17 @@ def approximate_factors(model: MTModel, task: int | str | None, rank: int,
     each), at the price of more passes over the calibration data.
     """
     if model.merge_kind != "none":  # exact per-task / global factors exist: use them, truncated
-        from .export import export_factors
-
-        return export_factors(model, task, rank, None)
+        factors, err = truncate_factors(model.lora_factors(task), rank)
+        return factors, {"exact": False, "rank": rank, "relative_error": err}
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tokens = _Tokens()
     probes: list[_Probe] = []
     for name, layer in model.adapter_layers.items():
-        if _is_component(layer):
+        kind = _export_kind(layer)
+        if kind == "routed":
             probes.append(_ComponentProbe(name, layer, tokens))
-        elif _is_block(layer):
+        elif kind == "block":
             layer.output_linear()  # fails early, with the reason, for blocks without a single output linear
             probes.append(_BlockProbe(name, layer, tokens, ridge=ridge))
     if not probes:

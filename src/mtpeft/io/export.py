@@ -6,16 +6,17 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from ..model import MergeError
+from ..core.lowrank import Factors
+from ..core.targets import linear_module_names
+from ..errors import MergeError
+from .approx import approximate_factors
 from .atomic import atomic_write_dir
-
-if TYPE_CHECKING:
-    from ..model import MTModel
 
 PEFT_PREFIX = "base_model.model."
 
@@ -37,62 +38,27 @@ def _target_module_names(all_linears: list[str], adapted: list[str]) -> list[str
     return leaves if sorted(by_leaves) == sorted(adapted) else sorted(adapted)
 
 
-def export_factors(model: MTModel, task: int | str | None, rank: int | None,
-                   calibration: Iterable[dict[str, Any]] | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                                                         dict[str, Any]]:
-    """Per-module LoRA factors (A, B with the scale folded into B) for ``task``, and a report.
+def export_factors(model: nn.Module, task: int | str | None, rank: int | None,
+                   calibration: Iterable[dict[str, Any]] | None) -> tuple[Factors, dict[str, Any]]:
+    """Per-module LoRA factors (A, B with the scale folded into B) of an MTModel for ``task``, and a report.
 
-    Exact for mergeable methods; input-routed methods go through the method's approximation hook.
+    Exact for mergeable methods (``MTModel.lora_factors``); with ``rank`` they are truncated to it, and
+    input-routed methods go through the approximation (:func:`mtpeft.io.approx.approximate_factors`).
     """
     method = model.method
-    if model.merge_kind == "none":
-        if rank is None:
-            raise MergeError(method.merge_error or (
-                f"method {method.name!r} is input-routed and has no exact plain-LoRA form; pass rank=k (and "
-                f"calibration=batches) to export the task's expected update truncated to rank k"
-            ))
-        from .approx import approximate_factors
-
-        return approximate_factors(model, task, rank, calibration)
-    tid = model._merge_task(task)
-    factors = {}
-    for name, layer in model._linear_layers().items():
-        a, b = layer.lora_factors(tid)
-        factors[name] = (a.detach(), b.detach())
-    report: dict[str, Any] = {"exact": True, "relative_error": 0.0}
+    if model.merge_kind == "none" and rank is None:
+        raise MergeError(method.merge_error or (
+            f"method {method.name!r} is input-routed and has no exact plain-LoRA form; pass rank=k (and "
+            f"calibration=batches) to export the task's expected update truncated to rank k"
+        ))
     if rank is not None:
-        factors, err = truncate_factors(factors, rank)
-        report = {"exact": False, "rank": rank, "relative_error": err}
-    return factors, report
+        return approximate_factors(model, task, rank, calibration)
+    return model.lora_factors(task), {"exact": True, "relative_error": 0.0}
 
 
-def truncate_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int
-                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """Best rank-``rank`` approximation of each B @ A (SVD); returns the factors and the worst relative error."""
-    out, worst = {}, 0.0
-    for name, (a, b) in factors.items():
-        delta = (b.double() @ a.double())
-        a2, b2, err = svd_truncate(delta, rank)
-        out[name] = (a2.to(a.dtype), b2.to(b.dtype))
-        worst = max(worst, err)
-    return out, worst
-
-
-def svd_truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Factors (A: k x d_in, B: d_out x k) of the best rank-k approximation and its relative Frobenius error."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    a = root[:, None] * vh[:k]
-    b = u[:, :k] * root[None, :]
-    norm = torch.linalg.norm(s)
-    err = float(torch.linalg.norm(s[k:]) / norm) if norm > 0 else 0.0
-    return a, b, err
-
-
-def export_peft(model: MTModel, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
+def export_peft(model: nn.Module, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
                 calibration: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` that ``peft.PeftModel`` loads.
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of an MTModel that ``peft.PeftModel`` loads.
 
     The scale is folded into B and ``lora_alpha`` equals the rank, so PEFT's alpha/r scaling is 1.
     Returns a report: exactness, relative error of an approximation, rank, target modules.
@@ -105,8 +71,6 @@ def export_peft(model: MTModel, path: str | os.PathLike, task: int | str | None 
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     r = max(ranks.values())
     pattern = {name: k for name, k in ranks.items() if k != r}
-    from ..core.targets import linear_module_names
-
     # names as in the plain base model: drop the ``base_layer`` hops of adapter wrappers (block wrappers hold
     # e.g. mlp.base_layer.down_proj, which PEFT will see as mlp.down_proj)
     targets = _target_module_names(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import ConfigError, MethodSpec, register_method
+from ..config import help_field
 from ..core import distributed
-from ..core.layers import TaskContext
+from ..core.context import TaskContext
+from ..registry import MethodSpec, register_method
 from .lora import LoRAConfig, LoRALinear
 
 MMD_BANDWIDTHS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 100.0,
@@ -31,30 +32,26 @@ class AlignLoRAConfig(LoRAConfig):
     """Align-LoRA: LoRA + inter-task alignment of the adapter-space representations."""
 
     method = "align_lora"
-    align_loss: str = field(default="kl", metadata={"help": "'kl' (symmetric diagonal-Gaussian KL) or 'mmd' "
-                                                                "(multi-kernel MMD, biased estimator)."})
-    align_weight: float | None = field(default=None, metadata={
-        "help": "Weight of the alignment loss; default 0.2 for 'kl' and 0.01 for 'mmd' (the released values)."})
-    align_pooling: str = field(default="position", metadata={
-        "help": "'position': statistics per token position (released code, padding masked); 'mean': pool each "
-                "sample's tokens first (masked mean)."})
-    mmd_bandwidths: list[float] = field(default_factory=lambda: list(MMD_BANDWIDTHS), metadata={
-        "help": "Kernel bandwidths s of k(a,b) = sum_s exp(-|a-b|^2 / (2 s)) (the released code divides by 2s)."})
-    eps: float = field(default=1e-8, metadata={"help": "Added to variances in the KL."})
-    variance_floor: float = field(default=0.01, metadata={
-        "help": "KL: each task's variance is at least this fraction of the batch's overall variance of the "
-                "features. Where all of a task's samples share a token at a position (a prompt template), "
-                "their variance is 0 and the bare-eps KL explodes (1e7 on a toy run). 0 = the released code."})
+    align_loss: str = help_field("'kl' (symmetric diagonal-Gaussian KL) or 'mmd' (multi-kernel MMD, biased estimator).",
+                                 default="kl")
+    align_weight: float | None = help_field("Weight of the alignment loss; default 0.2 for 'kl' and 0.01 for 'mmd' "
+                                            "(the released values).", default=None)
+    align_pooling: str = help_field("'position': statistics per token position (released code, padding masked); "
+                                    "'mean': pool each sample's tokens first (masked mean).", default="position")
+    mmd_bandwidths: list[float] = help_field("Kernel bandwidths s of k(a,b) = sum_s exp(-|a-b|^2 / (2 s)) (the "
+                                             "released code divides by 2s).",
+                                             default_factory=lambda: list(MMD_BANDWIDTHS))
+    eps: float = help_field("Added to variances in the KL.", default=1e-8)
+    variance_floor: float = help_field("KL: each task's variance is at least this fraction of the batch's overall "
+                                       "variance of the features. Where all of a task's samples share a token at a "
+                                       "position (a prompt template), their variance is 0 and the bare-eps KL explodes "
+                                       "(1e7 on a toy run). 0 = the released code.", default=0.01)
 
     def validate(self) -> None:
         super().validate()
-        if self.align_loss not in ("kl", "mmd"):
-            raise ConfigError(f"AlignLoRAConfig.align_loss must be one of ['kl', 'mmd'], got {self.align_loss!r}")
-        if self.align_pooling not in ("position", "mean"):
-            raise ConfigError(f"AlignLoRAConfig.align_pooling must be one of ['position', 'mean'], "
-                              f"got {self.align_pooling!r}")
-        if not self.variance_floor >= 0:
-            raise ConfigError(f"AlignLoRAConfig.variance_floor must be >= 0, got {self.variance_floor!r}")
+        self.check_choice("align_loss", ("kl", "mmd"))
+        self.check_choice("align_pooling", ("position", "mean"))
+        self.check_min("variance_floor", 0)
         if self.align_weight is None:
             self.align_weight = 0.2 if self.align_loss == "kl" else 0.01
 

@@ -8,31 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, MethodSpec, register_method
-from ..core.layers import LinearAdapter, TaskContext, init_down_projection
-
-
-def add_low_rank(out: torch.Tensor, z: torch.Tensor, up_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale * z @ up_t, added in place of a separate delta tensor: ``out`` (..., d_out), ``z`` (..., k),
-    ``up_t`` (k, d_out) (B^T of a LoRA, or a routed layer's side-by-side expert up-projections)."""
-    b_t = up_t.to(out.dtype)
-    if out.device.type == "cpu":
-        # A contiguous (k, d_out) copy of B^T (k * d_out values): both backward matmuls, dB^T = z^T dy and
-        # dz = dy B, then read row-major operands, which MKL runs 2-4x faster for rank-r shapes than the
-        # transposed ones autograd picks for a view (measured: -3% tiny-Llama training step time on CPU).
-        b_t = b_t.contiguous()
-    # One addmm adds s * z B^T into the base output without a separate delta tensor (lean LoRA).
-    fused = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]).to(out.dtype), b_t, alpha=scale)
-    return fused.view(out.shape)
-
-
-def add_update(out: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale * z B^T for a layer whose down-projection gave ``z``: by :func:`add_low_rank` when the base
-    output has the adapter's dtype; over a half-precision base the update is computed in the adapter's dtype
-    and cast, as ``adapter_output`` does."""
-    if out.dtype != z.dtype:
-        return out + (F.linear(z, lora_b) * scale).to(out.dtype)
-    return add_low_rank(out, z, lora_b.t(), scale)
+from ..config import AdapterConfig
+from ..core.context import TaskContext
+from ..core.layers import LinearAdapter
+from ..core.lowrank import add_low_rank, init_down_projection
+from ..registry import MethodSpec, register_method
 
 
 @dataclass

@@ -24,17 +24,19 @@ buffer ``expert_of_rank`` naming each rank row's expert, so one matmul serves al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..core.layers import LinearAdapter, TaskContext, init_down_projection, per_sample
-from ..model import MergeError
-from .hydralora import RoutedExpertsMixin, balance_loss, check_expert_options, routed_layers, routing_means
-from .lora import add_update
+from ..config import AdapterConfig, help_field
+from ..core.context import TaskContext, per_sample
+from ..core.layers import LinearAdapter
+from ..core.lowrank import add_update, init_down_projection
+from ..core.routing import RoutedExpertsMixin, balance_aux_loss, check_expert_options
+from ..errors import ConfigError, MergeError
+from ..registry import MethodSpec, register_method
 
 GATINGS = ("task", "token")
 
@@ -44,37 +46,29 @@ class MoELoRAConfig(AdapterConfig):
     """MoE-LoRA: rank-split LoRA experts gated per task (MOELoRA, merges per task) or per token (top-k)."""
 
     method = "moe_lora"
-    gating: str = field(default="task", metadata={
-        "help": "'task': gate softmax(W_g Emb(task)) per sample (MOELoRA; merges per task); 'token': gate "
-                "softmax(W_g x) per token with top-k (MoLE-style; not mergeable)."})
-    num_experts: int = field(default=4, metadata={
-        "help": "Number E of experts; the rank r is split among them (r/E each; the released MOELoRA scripts "
-                "use 8 with r = 8 or 16). Must be <= r."})
-    task_embedding_dim: int = field(default=64, metadata={
-        "help": "Dimension of the task embedding that feeds the task gate (gating='task')."})
-    top_k: int = field(default=2, metadata={
-        "help": "Experts kept per token (gating='token'); >= num_experts keeps all (dense softmax gate)."})
-    renormalize_top_k: bool = field(default=True, metadata={
-        "help": "Renormalize the kept top-k weights to sum to 1 per token (gating='token')."})
-    balance_weight: float = field(default=0.01, metadata={
-        "help": "Weight of the CV^2 load-balance loss on the mean gate per expert (gating='token' only)."})
+    gating: str = help_field("'task': gate softmax(W_g Emb(task)) per sample (MOELoRA; merges per task); 'token': gate "
+                             "softmax(W_g x) per token with top-k (MoLE-style; not mergeable).", default="task")
+    num_experts: int = help_field("Number E of experts; the rank r is split among them (r/E each; the released MOELoRA "
+                                  "scripts use 8 with r = 8 or 16). Must be <= r.", default=4)
+    task_embedding_dim: int = help_field("Dimension of the task embedding that feeds the task gate (gating='task').",
+                                         default=64)
+    top_k: int = help_field("Experts kept per token (gating='token'); >= num_experts keeps all (dense softmax gate).",
+                            default=2)
+    renormalize_top_k: bool = help_field("Renormalize the kept top-k weights to sum to 1 per token (gating='token').",
+                                         default=True)
+    balance_weight: float = help_field("Weight of the CV^2 load-balance loss on the mean gate per expert "
+                                       "(gating='token' only).", default=0.01)
 
     def validate(self) -> None:
         super().validate()
-        name = type(self).__name__
-        if self.gating not in GATINGS:
-            raise ConfigError(f"{name}.gating must be one of {list(GATINGS)}, got {self.gating!r}")
+        self.check_choice("gating", GATINGS)
         check_expert_options(self)
         if self.num_experts > self.r:
-            raise ConfigError(f"{name}.num_experts ({self.num_experts}) must be <= r ({self.r}): every "
-                              f"expert needs rank >= 1")
-        if not isinstance(self.task_embedding_dim, int) or self.task_embedding_dim < 1:
-            raise ConfigError(f"{name}.task_embedding_dim must be a positive integer, got "
-                              f"{self.task_embedding_dim!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ConfigError(f"{name}.top_k must be a positive integer, got {self.top_k!r}")
-        if not self.balance_weight >= 0:
-            raise ConfigError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}")
+            raise ConfigError(f"{type(self).__name__}.num_experts ({self.num_experts}) must be <= r ({self.r}): "
+                              f"every expert needs rank >= 1")
+        self.check_positive_int("task_embedding_dim")
+        self.check_positive_int("top_k")
+        self.check_min("balance_weight", 0)
 
     def requires_tasks(self) -> bool:
         return self.gating == "task"
@@ -96,12 +90,16 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         kw = self.factory_kwargs
         r, e = config.r, config.num_experts
         self.gating = config.gating
+        # capabilities: a task gate is a fixed update per task; a token gate routes (approximate export only)
+        self.task_gated = self.gating == "task"
+        self.routed = not self.task_gated
+        self.export_kind = "exact" if self.task_gated else "routed"
         self.num_experts = e
         self.num_groups = 1
         self.num_tasks = len(config.tasks)
         self.top_k = min(config.top_k, e)
         self.renormalize = config.renormalize_top_k
-        self.routing_mean = None
+        self.init_routing()
         ranks = config.expert_ranks()
         # built on the CPU and moved: repeat_interleave has a data-dependent size, which a meta tensor lacks
         rank_owner = torch.repeat_interleave(torch.arange(e), torch.tensor(ranks)).to(kw["device"])
@@ -158,7 +156,7 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
             gate = self._sample_gate(x.shape[0], x.device)[:, self.expert_of_rank]  # (b, r)
             return z * per_sample(gate, z)
         pi = self.routing_weights(x)
-        self._cache_routing(pi)
+        self.record_routing(pi)
         return z * pi[..., 0, :][..., self.expert_of_rank].to(z.dtype)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,10 +204,7 @@ def merge_for(config: MoELoRAConfig) -> str:
 
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """Token gating: the CV^2 load-balance loss; task gating has no auxiliary loss."""
-    if model.adapter_config.gating != "token":
-        return {}
-    value = balance_loss(routing_means(routed_layers(model)))
-    return {} if value is None else {"balance": (value, float(model.adapter_config.balance_weight))}
+    return balance_aux_loss(model) if model.adapter_config.gating == "token" else {}
 
 
 def describe(model) -> str:

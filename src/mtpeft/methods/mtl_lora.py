@@ -8,14 +8,17 @@ matrix per task, so the model merges once per task.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..core.layers import LinearAdapter, TaskContext, init_down_projection
+from ..config import AdapterConfig, help_field
+from ..core.context import TaskContext
+from ..core.layers import LinearAdapter
+from ..core.lowrank import init_down_projection
+from ..registry import MethodSpec, register_method
 
 
 @dataclass
@@ -23,17 +26,15 @@ class MTLLoRAConfig(AdapterConfig):
     """MTL-LoRA: task-specific transformation of a shared low-rank space, B pool mixed per task."""
 
     method = "mtl_lora"
-    num_up_projections: int = field(default=3, metadata={"help": "Size n of the pool of up-projections B_i."})
-    temperature: float = field(default=0.1, metadata={"help": "Softmax temperature tau of the B-mixing weights."})
-    diagonal_lambda: bool = field(default=False, metadata={
-        "help": "Lambda_t diagonal (r parameters per task) instead of a full r x r matrix."})
+    num_up_projections: int = help_field("Size n of the pool of up-projections B_i.", default=3)
+    temperature: float = help_field("Softmax temperature tau of the B-mixing weights.", default=0.1)
+    diagonal_lambda: bool = help_field("Lambda_t diagonal (r parameters per task) instead of a full r x r matrix.",
+                                       default=False)
 
     def validate(self) -> None:
         super().validate()
-        if self.num_up_projections < 1:
-            raise ConfigError(f"MTLLoRAConfig.num_up_projections must be >= 1, got {self.num_up_projections}")
-        if not self.temperature > 0:
-            raise ConfigError(f"MTLLoRAConfig.temperature must be > 0, got {self.temperature}")
+        self.check_min("num_up_projections", 1)
+        self.check_min("temperature", 0, strict=True)
 
     def requires_tasks(self) -> bool:
         return True

@@ -47,30 +47,25 @@ No task ids; not mergeable (input routing, and the block path is parallel to a n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..config import AdapterConfig, help_field
+from ..core.context import TaskContext
 from ..core.distributed import whole_tensor
-from ..core.layers import TaskContext, adapter_dtype, init_down_projection
+from ..core.layers import Observers
+from ..core.lowrank import adapter_dtype
+from ..core.routing import SharedDownRoutedMixin, balance_aux_loss, check_expert_options, routed_layers, routing_groups
+from ..core.spectral import spectral_paper, spectral_released
 from ..core.targets import find_target_linears, layer_index, set_submodule
-from ..model import MergeError
-from .hydralora import (
-    HydraLoRALinear,
-    SharedDownRoutedMixin,
-    balance_loss,
-    check_expert_options,
-    routed_layers,
-    routing_groups,
-    routing_means,
-    spectral_paper,
-    spectral_released,
-)
+from ..core.wrapping import ModuleWrapper, transformer_layers
+from ..errors import ConfigError, MergeError
+from ..registry import MethodSpec, get_method, register_method
 
 BLOCK_TYPES = ("ffn", "attn", "both", "component")
 SPECTRAL_MODES = ("released", "paper", "off")
@@ -78,7 +73,7 @@ _FFN_OUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h", "fc_out",
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 
 
-# --- locating the sub-blocks (shared with TA-LoRA) --------------------------------------------------------
+# --- locating the sub-blocks ----------------------------------------------------------------------------------
 @dataclass
 class BlockSite:
     """Where a sub-block's adapter goes.
@@ -96,19 +91,6 @@ class BlockSite:
     tap_name: str | None
     out_linear: str | None
     dim: int
-
-
-def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, style) of every transformer layer: 'decoder' (children ``self_attn`` / ``mlp``) or
-    'encoder' (BERT-style children ``attention``, ``intermediate``, ``output``), in model order."""
-    found = []
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        if "self_attn" in children or "mlp" in children:
-            found.append((name, module, "decoder"))
-        elif {"attention", "intermediate", "output"} <= set(children):
-            found.append((name, module, "encoder"))
-    return found
 
 
 def _hidden_size(model: nn.Module, fallback: int) -> int:
@@ -169,97 +151,43 @@ def find_block_sites(model: nn.Module, kinds: tuple[str, ...], method: str = "mt
     return sites
 
 
-class ModuleWrapper(nn.Module):
-    """Base of the wrappers that replace a whole submodule (kept as ``base_layer``) and add to its output.
-
-    Unknown attributes fall through to the wrapped module, so code that reads e.g. ``self_attn.layer_idx``
-    keeps working.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-    @staticmethod
-    def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-        """The hidden states a block was called with (positional or the ``hidden_states`` keyword)."""
-        if args:
-            return args[0]
-        if "hidden_states" in kwargs:
-            return kwargs["hidden_states"]
-        if "x" in kwargs:
-            return kwargs["x"]
-        raise ValueError("could not find the block input (no positional argument and no `hidden_states=`)")
-
-    @staticmethod
-    def add_to_output(out: Any, delta: torch.Tensor) -> Any:
-        """out + delta, or (out[0] + delta, *rest) for modules returning a tuple (attention)."""
-        if isinstance(out, tuple):
-            return (out[0] + delta.to(out[0].dtype), *out[1:])
-        return out + delta.to(out.dtype)
-
-
 # --- the block adapter ------------------------------------------------------------------------------------
 @dataclass
 class MtLoRAConfig(AdapterConfig):
     """mtLoRA: block-level routed low-rank paths, fine-grained routing, spectral-aware regularization."""
 
     method = "mtlora"
-    block_type: str = field(default="ffn", metadata={
-        "help": "Where to adapt: 'ffn' (around each MLP block; the paper's main setting), 'attn' (around "
-                "each attention block), 'both', or 'component' (HydraLoRA-style routed layers on "
-                "`target_modules`). Block modes honor `layers_to_transform` and ignore `target_modules`."})
-    num_experts: int = field(default=16, metadata={
-        "help": "Number E of expert up-projections B_e (paper: 16)."})
-    routing_group_size: int | None = field(default=2048, metadata={
-        "help": "Fine-grained routing: one softmax over experts per group of this many output channels "
-                "(paper: 2048, i.e. G = 2 for d = 4096). None or a value >= the output dimension is scalar "
-                "routing; otherwise it must divide the output dimension."})
-    balance_weight: float = field(default=0.01, metadata={
-        "help": "Weight of the CV^2 balance loss on the mean routing weight per expert (paper: 0.01; "
-                "0 = off)."})
-    spectral_mode: str = field(default="released", metadata={
-        "help": "Spectral-aware regularization: 'released' (each B_e towards a scaled isometry, weighted by "
-                "exp(-sigma/mean sigma), as the official code), 'paper' (low-SV directions orthogonal across "
-                "experts) or 'off'."})
-    spectral_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's default: "
-                "0.25)."})
-    spectral_every: int | None = field(default=None, metadata={
-        "help": "Apply the spectral term every this many optimizer steps (when (global_step + 1) % k == 0). "
-                "None: 500 for 'released' (the BBH runs), 1 (every step) for 'paper'."})
-    spectral_max_matrices: int = field(default=64, metadata={
-        "help": "'released' mode: at most this many B matrices per trigger (a random subset seeded by the "
-                "step)."})
+    block_type: str = help_field("Where to adapt: 'ffn' (around each MLP block; the paper's main setting), 'attn' "
+                                 "(around each attention block), 'both', or 'component' (HydraLoRA-style routed layers "
+                                 "on `target_modules`). Block modes honor `layers_to_transform` and ignore "
+                                 "`target_modules`.", default="ffn")
+    num_experts: int = help_field("Number E of expert up-projections B_e (paper: 16).", default=16)
+    routing_group_size: int | None = help_field("Fine-grained routing: one softmax over experts per group of this many "
+                                                "output channels (paper: 2048, i.e. G = 2 for d = 4096). None or a "
+                                                "value >= the output dimension is scalar routing; otherwise it must "
+                                                "divide the output dimension.", default=2048)
+    balance_weight: float = help_field("Weight of the CV^2 balance loss on the mean routing weight per expert (paper: "
+                                       "0.01; 0 = off).", default=0.01)
+    spectral_mode: str = help_field("Spectral-aware regularization: 'released' (each B_e towards a scaled isometry, "
+                                    "weighted by exp(-sigma/mean sigma), as the official code), 'paper' (low-SV "
+                                    "directions orthogonal across experts) or 'off'.", default="released")
+    spectral_weight: float = help_field("Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's "
+                                        "default: 0.25).", default=1.0)
+    spectral_every: int | None = help_field("Apply the spectral term every this many optimizer steps (when "
+                                            "(global_step + 1) % k == 0). None: 500 for 'released' (the BBH runs), 1 "
+                                            "(every step) for 'paper'.", default=None)
+    spectral_max_matrices: int = help_field("'released' mode: at most this many B matrices per trigger (a random "
+                                            "subset seeded by the step).", default=64)
 
     def validate(self) -> None:
         super().validate()
-        name = type(self).__name__
-        if self.block_type not in BLOCK_TYPES:
-            raise ConfigError(f"{name}.block_type must be one of {list(BLOCK_TYPES)}, "
-                              f"got {self.block_type!r}")
-        if self.spectral_mode not in SPECTRAL_MODES:
-            raise ConfigError(f"{name}.spectral_mode must be one of {list(SPECTRAL_MODES)}, "
-                              f"got {self.spectral_mode!r}")
+        self.check_choice("block_type", BLOCK_TYPES)
+        self.check_choice("spectral_mode", SPECTRAL_MODES)
         check_expert_options(self)
-        every = self.spectral_every
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ConfigError(f"{name}.spectral_every must be None or a positive integer, "
-                              f"got {self.spectral_every!r}")
-        for key in ("balance_weight", "spectral_weight"):
-            if not getattr(self, key) >= 0:
-                raise ConfigError(f"{name}.{key} must be >= 0, got {getattr(self, key)!r}")
-        if not isinstance(self.spectral_max_matrices, int) or self.spectral_max_matrices < 1:
-            raise ConfigError(f"{name}.spectral_max_matrices must be a positive integer, "
-                              f"got {self.spectral_max_matrices!r}")
+        self.check_positive_int("spectral_every", optional=True)
+        self.check_min("balance_weight", 0)
+        self.check_min("spectral_weight", 0)
+        self.check_positive_int("spectral_max_matrices")
 
     @property
     def spectral_period(self) -> int:
@@ -272,15 +200,17 @@ class MtLoRAConfig(AdapterConfig):
 class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
     """Wraps a sub-block (or, in BERT-style layers, the block's output dense) and adds the routed delta.
 
-    Parameters: ``lora_A`` (r x d), ``lora_B`` (E x d x r, zero at init), ``lora_router`` (G*E x d).
+    Parameters: ``lora_A`` (r x d), ``lora_B`` (E x d x r, zero at init), ``lora_router`` (G*E x d). Delta
+    observers (``add_delta_observer``) see every forward's block input u and delta (the approximate export
+    fits its update from them).
     """
+
+    export_kind = "block"
 
     def __init__(self, base_layer: nn.Module, config: MtLoRAConfig, context: TaskContext, site: BlockSite,
                  tap: nn.Module | None = None) -> None:
         super().__init__(base_layer)
         weight = next(base_layer.parameters())
-        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        d, r, e = site.dim, config.r, config.num_experts
         self.context = context
         self.kind = site.kind
         self.module_name = site.wrap_name
@@ -288,25 +218,24 @@ class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
         self.out_linear_name = f"{site.wrap_name}.{site.out_linear}" if site.out_linear else site.wrap_name
         if site.out_linear is None:
             self.out_linear_name = None
-        self.dim = d
-        self.num_experts = e
-        self.num_groups = routing_groups(d, config.routing_group_size, f" of block {site.wrap_name!r}")
+        self.dim = site.dim
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, d, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(e, d, r, **kw))
-        self.lora_router = nn.Parameter(torch.empty(self.num_groups * e, d, **kw))
-        if kw["device"].type != "meta":  # a meta model (parameter counting) has no values to initialize
-            init_down_projection(self.lora_A, config.init, r)
-            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
-        self.routing_mean = None
+        groups = routing_groups(site.dim, config.routing_group_size, f" of block {site.wrap_name!r}")
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self.init_routed_parameters(site.dim, site.dim, config, groups, kw)
+        self.delta_observers = Observers()
         self._tapped: torch.Tensor | None = None
-        self._observer: Callable[[BlockAdapter, torch.Tensor, torch.Tensor], None] | None = None
         self.uses_tap = tap is not None
         if tap is not None:
             # the block input is another module's input: record it when that module runs (also on
             # activation-checkpointing recomputation, which re-runs the same modules in the same order)
             tap.register_forward_pre_hook(self._tap)
+
+    def add_delta_observer(self, fn: Callable[[BlockAdapter, torch.Tensor, torch.Tensor], None]) -> RemovableHandle:
+        """Call ``fn(layer, u, delta)`` with the block input and the adapter's delta of every forward until
+        ``handle.remove()``."""
+        return self.delta_observers.add(fn)
 
     def _tap(self, module: nn.Module, args: tuple) -> None:
         self._tapped = args[0] if args else None
@@ -335,8 +264,8 @@ class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
         else:
             u = self.first_input(args, kwargs)
         delta = self.block_delta(u)
-        if self._observer is not None:
-            self._observer(self, u, delta)
+        if self.delta_observers:
+            self.delta_observers(self, u, delta)
         return self.add_to_output(out, delta)
 
     def expert_matrices(self) -> list[torch.Tensor]:
@@ -352,8 +281,9 @@ def inject(model: nn.Module, config: MtLoRAConfig, context: TaskContext) -> dict
     """Wrap the chosen sub-blocks (or the target linears for 'component') of ``model`` in place."""
     layers: dict[str, nn.Module] = {}
     if config.block_type == "component":
+        hydralora = get_method("hydralora")  # the paper's baseline: HydraLoRA's own layer, by name
         for name in find_target_linears(model, config):
-            layer = HydraLoRALinear(model.get_submodule(name), config, context, name)
+            layer = hydralora.create_layer(model.get_submodule(name), config, context, name)
             set_submodule(model, name, layer)
             layers[name] = layer
         return layers
@@ -399,10 +329,7 @@ def spectral_loss(model) -> torch.Tensor | None:
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """Balance loss (every step) and the spectral term (at trigger steps; 0 otherwise)."""
     cfg: MtLoRAConfig = model.adapter_config
-    out: dict[str, tuple[torch.Tensor, float]] = {}
-    value = balance_loss(routing_means(routed_layers(model)))
-    if value is not None:
-        out["balance"] = (value, float(cfg.balance_weight))
+    out = balance_aux_loss(model)
     if cfg.spectral_mode != "off":
         spec = None
         if cfg.spectral_weight > 0 and spectral_due(model.context.global_step, cfg.spectral_period):

@@ -38,17 +38,20 @@ Task ids are needed in training and at inference. Nothing merges into W0: it is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
-from ..core.layers import TaskContext, adapter_dtype, init_down_projection
+from ..config import AdapterConfig, help_field
+from ..core.context import TaskContext
+from ..core.lowrank import adapter_dtype, init_down_projection
 from ..core.targets import set_submodule
-from .mtlora import ModuleWrapper, transformer_layers
+from ..core.wrapping import ModuleWrapper, transformer_layers
+from ..errors import ConfigError
+from ..registry import MethodSpec, register_method
 
 FAST_INITS = ("mean", "zeros", "random")
 MERGE_ERROR = (
@@ -66,37 +69,31 @@ class TALoRAConfig(AdapterConfig):
     """
 
     method = "ta_lora"
-    prompt_length: int = field(default=10, metadata={"help": "Number l of prompt tokens per prompted layer."})
-    prompt_layers: list[int] | None = field(default=None, metadata={
-        "help": "1-based indices of the layers that get a prompt. None: ceil(L/2), ceil(3L/4) and L for a "
-                "model with L layers (14, 21, 28 for 28 layers)."})
-    slow_lr_scale: float = field(default=0.1, metadata={
-        "help": "param_groups: the slow weights (B, P_0) train at the prompt learning rate * slow_lr_scale; "
-                "fast A_t and gates at the prompt learning rate."})
-    prompt_lr_scale: float = field(default=5.0, metadata={
-        "help": "param_groups: the prompt learning rate is the run's lr * prompt_lr_scale. Prompt tuning "
-                "wants larger steps than weight-space LoRA (the demo: 36% at 1, 71% at 5)."})
-    prompt_init_std: float = field(default=1.0, metadata={
-        "help": "Standard deviation of the shared prompt P_0 at init (the scale of normalized hidden "
-                "states)."})
+    prompt_length: int = help_field("Number l of prompt tokens per prompted layer.", default=10)
+    prompt_layers: list[int] | None = help_field("1-based indices of the layers that get a prompt. None: ceil(L/2), "
+                                                 "ceil(3L/4) and L for a model with L layers (14, 21, 28 for 28 "
+                                                 "layers).", default=None)
+    slow_lr_scale: float = help_field("param_groups: the slow weights (B, P_0) train at the prompt learning rate * "
+                                      "slow_lr_scale; fast A_t and gates at the prompt learning rate.", default=0.1)
+    prompt_lr_scale: float = help_field("param_groups: the prompt learning rate is the run's lr * prompt_lr_scale. "
+                                        "Prompt tuning wants larger steps than weight-space LoRA (the demo: 36% at 1, "
+                                        "71% at 5).", default=5.0)
+    prompt_init_std: float = help_field("Standard deviation of the shared prompt P_0 at init (the scale of normalized "
+                                        "hidden states).", default=1.0)
 
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        if not isinstance(self.prompt_length, int) or self.prompt_length < 1:
-            raise ConfigError(f"{name}.prompt_length must be a positive integer, got {self.prompt_length!r}")
+        self.check_positive_int("prompt_length")
         if self.prompt_layers is not None:
-            if isinstance(self.prompt_layers, int) or not self.prompt_layers or any(
-                    not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in self.prompt_layers):
-                raise ConfigError(f"{name}.prompt_layers must be None or a non-empty list of 1-based layer "
-                                  f"indices (integers >= 1), got {self.prompt_layers!r}")
+            layers = self.prompt_layers
+            valid = not isinstance(layers, int) and bool(layers) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in layers)
+            self.check("prompt_layers", valid, "None or a non-empty list of 1-based layer indices (integers >= 1)")
             self.prompt_layers = list(self.prompt_layers)
-        if not self.slow_lr_scale >= 0:
-            raise ConfigError(f"{name}.slow_lr_scale must be >= 0, got {self.slow_lr_scale!r}")
-        if not self.prompt_lr_scale > 0:
-            raise ConfigError(f"{name}.prompt_lr_scale must be > 0, got {self.prompt_lr_scale!r}")
-        if not self.prompt_init_std >= 0:
-            raise ConfigError(f"{name}.prompt_init_std must be >= 0, got {self.prompt_init_std!r}")
+        self.check_min("slow_lr_scale", 0)
+        self.check_min("prompt_lr_scale", 0, strict=True)
+        self.check_min("prompt_init_std", 0)
         if self.layers_to_transform is not None:
             raise ConfigError(f"{name}.layers_to_transform does not apply to TA-LoRA: choose the prompted "
                               f"layers with prompt_layers (1-based) instead")
@@ -132,6 +129,8 @@ class PromptAttention(ModuleWrapper):
     Parameters: ``prompt_shared`` P_0 (l x d), ``prompt_slow`` B (l x r), ``prompt_fast`` [A_t (r x d)] one
     per task, ``prompt_gate`` g (heads,), zero at init.
     """
+
+    prompted = True
 
     def __init__(self, base_layer: nn.Module, config: TALoRAConfig, context: TaskContext, name: str,
                  hidden_size: int) -> None:

@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, MethodSpec, register_method
+from ..config import AdapterConfig, help_field
 from ..core import distributed
+from ..core.context import TaskContext, per_sample
 from ..core.distributed import whole_tensor
-from ..core.layers import LinearAdapter, TaskContext, init_down_projection, per_sample
-from .lora import add_update
+from ..core.layers import LinearAdapter
+from ..core.lowrank import add_update, init_down_projection
+from ..errors import ConfigError
+from ..registry import MethodSpec, register_method
 
 KAIMING_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of kaiming_uniform(a=sqrt(5)) rows
 
@@ -46,30 +49,26 @@ class ThanoRAConfig(AdapterConfig):
     """ThanoRA (reconstruction): per-task rank blocks allocated by SV entropy, block-orthogonality regularizer."""
 
     method = "thanora"
-    complexity: str = field(default="activations", metadata={
-        "help": "Calibration statistic whose normalized SV entropy sets each task's rank: 'activations' (layer "
-                "inputs) or 'gradients' (accumulated gradient of the frozen weight)."})
-    block_init: str = field(default="data", metadata={
-        "help": "'data': A_t from task t's top singular vectors (orthogonalized across blocks); 'orthogonal': "
-                "one random orthonormal basis; 'kaiming': LoRA's init."})
-    ortho_weight: float = field(default=0.01, metadata={"help": "Weight of the block-orthogonality regularizer."})
-    ortho_normalize: bool = field(default=False, metadata={
-        "help": "Use unit-norm rows of A and columns of B in the regularizer, so only directions count."})
-    train_mode: str = field(default="shared", metadata={
-        "help": "'shared': all samples use all blocks; 'task_masked': a sample trains only its task's block."})
-    min_rank: int = field(default=1, metadata={"help": "Smallest rank a task's block may get."})
-    calibration_tokens: int = field(default=512, metadata={
-        "help": "Tokens per task and layer kept for the activation statistic (a random subset beyond that)."})
+    complexity: str = help_field("Calibration statistic whose normalized SV entropy sets each task's rank: "
+                                 "'activations' (layer inputs) or 'gradients' (accumulated gradient of the frozen "
+                                 "weight).", default="activations")
+    block_init: str = help_field("'data': A_t from task t's top singular vectors (orthogonalized across blocks); "
+                                 "'orthogonal': one random orthonormal basis; 'kaiming': LoRA's init.", default="data")
+    ortho_weight: float = help_field("Weight of the block-orthogonality regularizer.", default=0.01)
+    ortho_normalize: bool = help_field("Use unit-norm rows of A and columns of B in the regularizer, so only "
+                                       "directions count.", default=False)
+    train_mode: str = help_field("'shared': all samples use all blocks; 'task_masked': a sample trains only its task's "
+                                 "block.", default="shared")
+    min_rank: int = help_field("Smallest rank a task's block may get.", default=1)
+    calibration_tokens: int = help_field("Tokens per task and layer kept for the activation statistic (a random subset "
+                                         "beyond that).", default=512)
 
     def validate(self) -> None:
         super().validate()
-        choices = {"complexity": ("activations", "gradients"), "block_init": ("data", "orthogonal", "kaiming"),
-                   "train_mode": ("shared", "task_masked")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"ThanoRAConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        if self.min_rank < 1:
-            raise ConfigError(f"ThanoRAConfig.min_rank must be >= 1, got {self.min_rank}")
+        self.check_choice("complexity", ("activations", "gradients"))
+        self.check_choice("block_init", ("data", "orthogonal", "kaiming"))
+        self.check_choice("train_mode", ("shared", "task_masked"))
+        self.check_min("min_rank", 1)
         if self.tasks and self.r < self.min_rank * len(self.tasks):
             raise ConfigError(f"ThanoRAConfig.r={self.r} is too small for {len(self.tasks)} tasks with "
                               f"min_rank={self.min_rank}: r must be >= {self.min_rank * len(self.tasks)}")
@@ -110,6 +109,8 @@ def normalized_sv_entropy(singular_values: torch.Tensor) -> float:
 
 class ThanoRALinear(LinearAdapter):
     """One LoRA of rank r whose rank coordinates are partitioned into task blocks by ``rank_offsets``."""
+
+    task_blocks = True
 
     def __init__(self, base_layer: nn.Linear, config: ThanoRAConfig, context: TaskContext, name: str = "") -> None:
         super().__init__(base_layer, config, context, name)

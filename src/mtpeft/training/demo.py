@@ -49,8 +49,9 @@ def demo_config(method: str = "mtl_lora", steps: int | None = None, output_dir: 
 def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str = "runs/demo",
              overrides: list[str] | None = None, progress: bool = True) -> Any:
     """Train, evaluate before/after, save and export; prints the tables and the next commands."""
-    from ..evaluation.evaluator import compare_table
-    from .trainer import Trainer, checkpoint_dirs
+    from ..evaluation import compare_table
+    from .checkpoint import checkpoint_dirs
+    from .trainer import MultiTaskTrainer
 
     cfg = run_config_from_dict(apply_overrides(demo_config(method, steps, output_dir), overrides or []))
     out = Path(cfg.output_dir)
@@ -58,7 +59,7 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     start = time.perf_counter()
     print(f"mtpeft demo: method={cfg.method['method']} on SmolLM2-135M-Instruct, built-in tasks, "
           f"{cfg.train.steps} steps{' (resuming)' if resume else ''}")
-    trainer = Trainer(cfg, progress=progress)
+    trainer = MultiTaskTrainer(cfg, progress=progress)
     print(trainer.model.describe().splitlines()[0])
     result = trainer.train(resume=resume)
     if result.eval_before is not None and result.eval is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.distributed import whole_tensor
-from ..errors import EngineError
+from ..errors import EngineError, TrainingError
 
 # Optimizer state tensors that DeepSpeed keeps per parameter for AdamW (torch's and DeepSpeed's own).
 _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -60,6 +60,41 @@ def engine_of(accelerator: Any) -> Engine:
         raise EngineError(f"accelerate's {name} engine is not supported by mtpeft train: use data parallelism, "
                           f"FSDP2 or DeepSpeed ZeRO (examples/accelerate/)")
     return Engine(name)
+
+
+def accelerator_for(cfg: Any) -> tuple[Any, Engine]:
+    """The ``accelerate.Accelerator`` of a run config (:class:`~mtpeft.training.run_config.RunConfig`) and its
+    engine, refusing what that engine and number of processes cannot do before anything is written."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device is None and not torch.cuda.is_available())
+    # Task-indexed weights of tasks missing from one process's shard get no gradient there.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu,
+                              kwargs_handlers=[ddp])
+    try:
+        engine = engine_of(accelerator)
+    except EngineError as exc:
+        raise TrainingError(str(exc)) from None
+    check_run_supported(engine, accelerator.num_processes, cfg)
+    return accelerator, engine
+
+
+def check_run_supported(engine: Engine, world: int, cfg: Any) -> None:
+    """Refuse what a run config asks that this engine and this number of processes cannot do."""
+    if world > 1 and cfg.train.batch_size < world:
+        raise TrainingError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be at "
+                            f"least the number of processes ({world})")
+    if engine.sharded and cfg.model.quantization:
+        raise TrainingError(f"model.quantization={cfg.model.quantization} is not supported under "
+                            f"{engine.describe()}: train a quantized base with data parallelism "
+                            f"(examples/accelerate/ddp.yaml), where each process holds its own 4-bit copy")
+    if engine.deepspeed and cfg.train.nan_policy == "skip" and cfg.train.grad_accum > 1:
+        # DeepSpeed accumulates micro-batches in buffers of its own that cannot be emptied mid-step.
+        raise TrainingError("train.nan_policy=skip needs train.grad_accum=1 under DeepSpeed; set one of them "
+                            "differently (nan_policy=stop, or no accumulation)")
 
 
 def configure_deepspeed(accelerator: Any, *, global_batch: int, grad_accum: int, max_grad_norm: float) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, config_from_dict
-from ..errors import RunConfigError
+from ..errors import ConfigError, RunConfigError
+from ..registry import config_from_dict
+from ..validation import as_float_where_expected, field_types, fits
 
 
 def _h(text: str, **kwargs: Any) -> Any:
@@ -50,8 +50,8 @@ class ModelSection:
 class DataSection:
     """How tasks are read, mixed and tokenized."""
 
-    root: str | None = _h("Folder relative sources and presets resolve against (default: ../shared/data "
-                          "or $MTPEFT_DATA_ROOT).", default=None)
+    root: str | None = _h("Folder relative sources and presets resolve against (default: $MTPEFT_DATA_ROOT; "
+                          "without either, the working directory).", default=None)
     max_length: int = _h("Longest sequence in tokens (prompt + target + EOS).", default=256)
     truncation: str = _h("Over-long examples: 'left' drops prompt tokens from the start, 'right' from the end "
                          "of the prompt, 'error' stops.", default="left")
@@ -158,34 +158,18 @@ def _positive(key: str, value: Any) -> None:
         raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
 
 
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Coerce ints to floats where floats are expected; reject other mismatches naming the key."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    """The value as the field stores it (ints and float text become floats where floats are expected); a
+    mismatch is a RunConfigError naming the key."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
     if value is None:
         if type(None) in options:
             return None
         raise RunConfigError(f"{key} must not be null")
-    for opt in options:
-        base = typing.get_origin(opt) or opt
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base is bool and isinstance(value, bool):
-            return value
-        if base is str and isinstance(value, str):
-            return value
-        if base in (list, dict) and isinstance(value, base):
-            return value
-        if base is Any:
-            return value
+    value = as_float_where_expected(value, annotation)
+    if fits(value, annotation):
+        return value
     names = [getattr(typing.get_origin(o) or o, "__name__", str(o)) for o in options]
     raise RunConfigError(f"{key} must be of type {' or '.join(names)}, got {type(value).__name__} {value!r}")
 
@@ -195,7 +179,7 @@ def _build_section(cls: type, data: Any, prefix: str) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise RunConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known, key=str)
     if unknown:
@@ -296,3 +280,11 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
         return run_config_from_dict(data)
     except RunConfigError as exc:
         raise RunConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def method_config_for(cfg: RunConfig, task_names: list[str]) -> Any:
+    """The validated adapter config (:class:`~mtpeft.config.AdapterConfig`) of a run, with its resolved tasks."""
+    try:
+        return config_from_dict({**cfg.method, "tasks": task_names})
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"method: {exc}") from exc

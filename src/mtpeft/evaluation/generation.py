@@ -1,0 +1,67 @@
+"""Greedy generation for generation tasks: batched, left-padded prompts, continuations cut at EOS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..data.collator import encode_prompts, eos_token_id, pad_token_id
+from ..data.spec import Example
+from .batching import length_sorted_batches, model_device
+
+__all__ = ["generate_predictions"]
+
+
+def cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:
+    """``ids`` up to (not including) the first id in ``stop``."""
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[:i]
+    return ids
+
+
+@torch.no_grad()
+def generate_predictions(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    task_id: int,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    device: torch.device | str | None = None,
+    max_length: int | None = None,
+    progress_bar: Any = None,
+) -> list[str]:
+    """Greedy-decode a continuation for each example's prompt (batched, left-padded).
+
+    Generations are cut at the first EOS id and only the new tokens are decoded (special tokens
+    skipped). Examples are batched by similar prompt length; the output follows the input order.
+    """
+    dev = torch.device(device) if device is not None else model_device(model)
+    eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
+    out: list[str] = [""] * len(examples)
+    # batched by prompt length in characters: no tokenizing twice, and close enough to the token count
+    for idx in length_sorted_batches([len(ex.prompt) for ex in examples], batch_size):
+        enc = encode_prompts(tokenizer, [examples[i].prompt for i in idx], max_length=max_length)
+        input_ids = enc["input_ids"].to(dev)
+        attention_mask = enc["attention_mask"].to(dev)
+        task_ids = torch.full((len(idx),), task_id, dtype=torch.long, device=dev)
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            task_ids=task_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        sequences = gen.sequences if hasattr(gen, "sequences") else gen
+        new = sequences[:, input_ids.shape[1] :].tolist()
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(cut_at_stop(new[row], {eos}), skip_special_tokens=True)
+        if progress_bar is not None:
+            progress_bar.update(1)
+    return out
