@@ -26,10 +26,11 @@ def build(model_name: str, output_dir: str, max_steps: int = 30, method: str = "
     collator = MultiTaskCollator(tokenizer, names, max_length=64)
     rows = [example for _, data in tasks for example in data.train]
     model = mtpeft.get_mt_model(load_base_model(model_name), {"method": method, "tasks": names, "r": 8})
+    eval_rows = [example for _, data in tasks for example in data.eval]
+    # Trainer's defaults work: forward names the columns it keeps, and checkpoints hold only the adapter.
     args = TrainingArguments(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=8,
-                             learning_rate=1e-3, logging_steps=5, save_strategy="no", report_to=[],
-                             remove_unused_columns=False, use_cpu=True)
-    return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+                             learning_rate=1e-3, logging_steps=5, save_steps=10, report_to=[], use_cpu=True)
+    return Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows, data_collator=collator)
 
 
 if __name__ == "__main__":
@@ -40,5 +41,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     trainer = build(args.model, args.out, args.steps)
     trainer.train()
+    print(f"eval_loss: {trainer.evaluate()['eval_loss']:.4f}")
     trainer.model.save_pretrained(f"{args.out}/adapter")
     print(f"adapter saved to {args.out}/adapter")

@@ -61,7 +61,7 @@ def test_mmd_matches_hand_computed_case():
 
 
 def test_alignment_loss_in_model_reaches_only_lora_A():
-    cfg = mtpeft.AlignLoRAConfig(tasks=TASKS, r=4)
+    cfg = mtpeft.AlignLoRAConfig(tasks=TASKS, r=4, align_loss="kl")  # the released train.py's KL 0.2
     model = mtpeft.get_mt_model(tiny_model(), cfg)
     ids, mask, labels = tiny_batch(batch=6)
     model.train()
@@ -200,3 +200,15 @@ def test_model_alignment_loss_and_gradients_equal_the_per_module_reference(kind)
             assert (a is None or not a.any()) and (b is None or not b.any())
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_default_is_the_mmd_setting_and_the_released_preset_is_the_released_train_py():
+    cfg = mtpeft.AlignLoRAConfig(tasks=TASKS)
+    assert (cfg.align_loss, cfg.align_weight) == ("mmd", 0.01)
+    released = mtpeft.config_from_dict({"method": "align_lora", "tasks": TASKS, "preset": "released"})
+    assert (released.align_loss, released.align_weight, released.variance_floor) == ("kl", 0.2, 0.0)
+    assert (released.r, released.alpha, released.dropout) == (8, 32, 0.1)
+    assert released.target_modules == ["gate_proj", "up_proj", "down_proj"]
+    mixed = mtpeft.config_from_dict({"method": "align_lora", "tasks": TASKS, "preset": "released", "align_loss": "mmd",
+                                     "align_weight": 0.01})
+    assert (mixed.align_loss, mixed.align_weight, mixed.alpha) == ("mmd", 0.01, 32)

@@ -96,6 +96,17 @@ def test_a_save_to_disk_folder_is_a_source(tmp_path: Path, as_dict: bool) -> Non
             load_task(TaskSpec(name="qa", source="saved", eval_split="dev"), tmp_path)
 
 
+def test_an_hf_prefixed_save_to_disk_folder_is_read_as_a_saved_dataset(tmp_path: Path) -> None:
+    # datasets' load_dataset refuses such folders in the versions mtpeft supports (3.x: "use load_from_disk")
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:2])}
+                         ).save_to_disk(folder)
+    data = load_task(TaskSpec(name="qa", source=f"hf:{folder}", eval_split="test"))
+    assert (len(data.train), len(data.eval)) == (6, 2)
+    assert data.train[0].meta["source"] == f"{folder}[train]"
+
+
 def test_run_task_entries_resolve_in_one_place(tmp_path: Path) -> None:
     cfg = run_config_from_dict({"tasks": ["demo:arithmetic,reverse", {"name": "qa", "source": "qa.jsonl"}],
                                 "data": {"root": str(tmp_path), "max_train_per_task": 5}, "train": {"seed": 7}})

@@ -127,3 +127,16 @@ def test_token_gating_cannot_merge_and_config_errors_name_the_field():
     with pytest.raises(mtpeft.ConfigError, match="needs the list of tasks"):
         mtpeft.MoELoRAConfig(gating="task")
     assert mtpeft.MoELoRAConfig(gating="token").tasks == []
+
+
+def test_moelora_init_draws_down_projections_from_n0_001_as_the_official_copies():
+    cfg = mtpeft.MoELoRAConfig(tasks=TASKS, r=16, num_experts=4, init="moelora", target_modules=["gate_proj"])
+    torch.manual_seed(0)
+    model = mtpeft.get_mt_model(tiny_model(), cfg)
+    a = torch.cat([layer.lora_A.detach().reshape(-1) for layer in model.adapter_layers.values()])
+    assert abs(float(a.std()) - 0.01) < 0.001 and abs(float(a.mean())) < 0.001
+    assert all(not layer.lora_B.detach().any() for layer in model.adapter_layers.values())
+    released = mtpeft.config_from_dict({"method": "moe_lora", "tasks": TASKS, "preset": "released"})
+    assert (released.init, released.num_experts) == ("moelora", 8)
+    with pytest.raises(mtpeft.ConfigError, match=r"init must be one of \['kaiming', 'gaussian'\]"):
+        mtpeft.LoRAConfig(init="moelora")  # only MoE-LoRA has it

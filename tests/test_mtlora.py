@@ -278,3 +278,86 @@ def test_other_decoders_with_an_mlp_child_work_and_export_explains_a_missing_out
                           calibration=[{"input_ids": ids, "attention_mask": mask}])
     with pytest.raises(mtpeft.ConfigError, match="no transformer layers with 'attn' sub-blocks"):
         mtpeft.get_mt_model(copy.deepcopy(base), {"method": "mtlora", "block_type": "attn"})
+
+
+# --- issue 14: two routing groups at any width, the spectral term scheduled relative to the run -------------
+@pytest.mark.parametrize("hidden", [576, 896, 3584])
+def test_default_routes_in_two_groups_at_any_width(hidden):
+    import transformers as tf
+
+    with torch.device("meta"):
+        base = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                  num_hidden_layers=1, num_attention_heads=8,
+                                                  num_key_value_heads=8, vocab_size=64))
+    model = mtpeft.get_mt_model(base, {"method": "mtlora"})
+    (block,) = model.adapter_layers.values()
+    assert block.num_groups == 2 and block.lora_router.shape == (2 * 16, hidden)
+    assert f"routing groups 2 x {hidden // 2} channels" in model.describe()
+
+
+def test_auto_groups_on_a_width_they_do_not_divide_match_a_per_channel_reference():
+    from mtpeft.core.routing import routed_up, routing_groups
+
+    assert routing_groups(33, "auto", num_groups=2) == 2
+    torch.manual_seed(0)
+    z, pi, b = torch.randn(5, 4), torch.softmax(torch.randn(5, 2, 3), -1), torch.randn(3, 33, 4)
+    channel_group = torch.tensor([0] * 17 + [1] * 16)  # groups of ceil(33 / 2) = 17, the last shorter
+    expected = torch.einsum("ned,edr,nr->nd", pi[:, channel_group, :].transpose(1, 2), b, z)
+    torch.testing.assert_close(routed_up(z, pi, b), expected, atol=1e-5, rtol=1e-5)
+    _, model = make(routing_groups=3)  # 32 channels in 3 groups: 11, 11, 10
+    ids, mask, labels = tiny_batch()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert {m.num_groups for m in model.adapter_layers.values()} == {3}
+
+
+def test_spectral_term_goes_on_the_first_micro_batch_of_a_due_step_only():
+    _, model = make(spectral_weight=1.0, balance_weight=0.0)
+    perturb_adapters(model)
+    model.train()
+    ids, mask, labels = tiny_batch()
+    model.context.total_steps = 100
+    assert [s for s in range(100) if model.adapter_config.spectral_fires(s, 100)] == [50]
+    values = {}
+    for step, micro in ((49, 0), (50, 0), (50, 1)):
+        model.set_global_step(step)
+        model.context.micro_step = micro
+        values[(step, micro)] = float(model(input_ids=ids, attention_mask=mask, labels=labels).aux_losses["spectral"])
+    assert values[(50, 0)] > 0 and values[(49, 0)] == 0 and values[(50, 1)] == 0
+    assert model.context.counters == {"spectral_firings": 1}
+    assert "at steps [50] of 100, fired 1x" in model.describe()
+    # without a run length (a hand-written loop) the released period of 500 applies; presets resolve
+    assert mtpeft.MtLoRAConfig().spectral_fires(499, None) and not mtpeft.MtLoRAConfig().spectral_fires(50, None)
+    released = mtpeft.MtLoRAConfig.from_preset("released")
+    assert released.spectral_fires(499, 100) and not released.spectral_fires(50, 100)
+
+
+def test_spectral_term_fires_in_a_100_step_run_once_per_optimizer_step(tmp_path, tiny_model_dir):
+    import json
+
+    from conftest import toy_run_config
+
+    from mtpeft.training.run_config import run_config_from_dict
+    from mtpeft.training.trainer import train
+
+    cfg = toy_run_config(tmp_path, tiny_model_dir, method="mtlora", steps=100, grad_accum=2, save_every=0,
+                         log_every=1, batch_size=2)
+    cfg["method"].update({"num_experts": 2, "balance_weight": 0.0})
+    cfg["data"]["max_eval_per_task"] = 0
+    train(run_config_from_dict(cfg), progress=False)
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["method_counters"] == {"spectral_firings": 1}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    spectral = {r["step"]: r["aux/spectral"] for r in records if "aux/spectral" in r}
+    assert [s for s, v in spectral.items() if v > 0] == [51]  # global_step 50: the 51st update
+    assert {r.get("counters", {}).get("spectral_firings", 0) for r in records if r["step"] > 51} == {1}
+
+
+def test_paper_preset_and_explicit_keys_override_it():
+    cfg = mtpeft.config_from_dict({"method": "mtlora", "preset": "paper", "dropout": 0.1})
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.num_experts, cfg.routing_groups) == (16, 64, 0.1, 16, 2)
+    with pytest.raises(mtpeft.ConfigError, match=r"unknown preset 'best' for method 'mtlora'; allowed presets: "
+                                                 r"\['paper', 'released'\]"):
+        mtpeft.config_from_dict({"method": "mtlora", "preset": "best"})
+    with pytest.raises(mtpeft.ConfigError, match="routing_group_size must be None, 'auto' or a positive integer"):
+        mtpeft.MtLoRAConfig(routing_group_size="half")

@@ -128,3 +128,45 @@ def test_task_masked_training_updates_only_the_own_block():
     grad_b = layer.lora_B.grad
     assert torch.count_nonzero(grad_b[:, owner != 1]) == 0
     assert torch.count_nonzero(grad_b[:, owner == 1]) > 0
+
+
+# --- issue 14: one token count for every task, the within-block anti-collapse term ---------------------------
+def _skewed_calibration(duplicate_first_task: bool):
+    """Task 0 has one short batch (fewer tokens than d_in = 32), tasks 1 and 2 many; optionally task 0's batch
+    twice."""
+    ids, mask, _ = tiny_batch(batch=2, seed=5)
+    few = {"input_ids": ids, "attention_mask": mask, "task_ids": torch.tensor([0, 0])}
+    batches = [few, *([dict(few)] if duplicate_first_task else [])]
+    for seed in range(3):
+        ids, mask, _ = tiny_batch(batch=6, seed=seed)
+        batches.append({"input_ids": ids, "attention_mask": mask, "task_ids": torch.tensor([1, 2, 1, 2, 1, 2])})
+    return batches
+
+
+def test_allocation_is_invariant_to_duplicating_one_tasks_calibration_tokens():
+    base = tiny_model()
+    reports = []
+    for duplicate in (False, True):
+        model = mtpeft.get_mt_model(copy.deepcopy(base), mtpeft.ThanoRAConfig(tasks=TASKS, r=8))
+        reports.append(model.calibrate(_skewed_calibration(duplicate)))
+    assert reports[0] == reports[1]
+    # and every task is scored over the same number of tokens: task 0's few ones cap the others'
+    from mtpeft.core.calibration import distinct_token_subsample
+
+    x = torch.randn(10, 4)
+    torch.testing.assert_close(distinct_token_subsample(torch.cat([x, x[:3]]), 6, seed=1),
+                               distinct_token_subsample(x.flip(0), 6, seed=1))
+
+
+def test_within_block_anti_collapse_term():
+    from mtpeft.methods.thanora import block_collapse
+
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 3.0]])[None]
+    owner = torch.tensor([[0, 0, 1]])
+    # one pair in block 0: cos^2 = 1/2; rows 1 and 2 belong to different blocks (the inter-task term's job)
+    torch.testing.assert_close(block_collapse(a, owner), torch.tensor([0.5]))
+    model = mtpeft.get_mt_model(tiny_model(), mtpeft.ThanoRAConfig(tasks=TASKS, r=6, block_init="orthogonal"))
+    value, weight = model.method.aux_losses(model)["collapse"]
+    assert weight == 0.01 and float(value.detach()) < 1e-10  # orthonormal rows at init: the term starts at 0
+    off = mtpeft.get_mt_model(tiny_model(), mtpeft.ThanoRAConfig(tasks=TASKS, r=6, collapse_weight=0.0))
+    assert "collapse" not in off.method.aux_losses(off)

@@ -28,6 +28,11 @@ class AdapterConfig:
     """Fields every method shares. Subclasses add their own and set ``method``."""
 
     method: ClassVar[str] = ""
+    #: Named sets of published hyperparameters (``{"paper": {...}, "released": {...}}``): the ``preset`` key of
+    #: :meth:`from_dict` starts from one, and explicit keys override it.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: The allowed ``init`` values (a method with its own initialization adds to them).
+    init_choices: ClassVar[tuple[str, ...]] = ("kaiming", "gaussian")
 
     tasks: list[str] = help_field(
         "Task names, in task-id order. `task_ids` passed to forward/generate index this list.",
@@ -86,7 +91,7 @@ class AdapterConfig:
         self.check_positive_int("r")
         self.check_min("alpha", 0, strict=True)
         self.check("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
-        self.check_choice("init", ("kaiming", "gaussian"))
+        self.check_choice("init", self.init_choices)
         self.check("target_modules", isinstance(self.target_modules, (str, list, tuple)) and bool(self.target_modules),
                    "'all-linear', a non-empty list of module names or a regex")
 
@@ -107,9 +112,10 @@ class AdapterConfig:
         self.check(key, ok, f"{'None or ' if optional else ''}a positive integer")
 
     def check_min(self, key: str, bound: float, *, strict: bool = False) -> None:
-        """Field ``key`` is >= ``bound`` (> with ``strict``); NaN never is."""
+        """Field ``key`` is >= ``bound`` (> with ``strict``) and finite; NaN and inf never are."""
         value = getattr(self, key)
-        self.check(key, value > bound if strict else value >= bound, f"{'>' if strict else '>='} {bound:g}")
+        self.check(key, (value > bound if strict else value >= bound) and value != float("inf"),
+                   f"{'>' if strict else '>='} {bound:g} and finite")
 
     def requires_tasks(self) -> bool:
         """Whether this method cannot work without a task list (task-indexed weights or losses)."""
@@ -139,16 +145,32 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Build the config from a dict; unknown keys are an error that lists the known ones."""
+        """Build the config from a dict; unknown keys are an error that lists the known ones. A ``preset`` key
+        (one of :attr:`presets`) starts from that preset's values; the dict's other keys override them."""
         data = dict(data)
         method = data.pop("method", cls.method)
         if method != cls.method:
             raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        if "preset" in data:
+            data = {**cls.preset_values(data.pop("preset")), **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} for method {cls.method!r}; known keys: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def preset_values(cls, name: Any) -> dict[str, Any]:
+        """A copy of preset ``name``'s values; an unknown name is an error that lists the allowed ones."""
+        if not isinstance(name, str) or name not in cls.presets:
+            allowed = sorted(cls.presets) or "none: this method has no presets"
+            raise ConfigError(f"unknown preset {name!r} for method {cls.method!r}; allowed presets: {allowed}")
+        return json.loads(json.dumps(cls.presets[name]))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> AdapterConfig:
+        """The config of preset ``name`` with ``overrides`` on top (``MtLoRAConfig.from_preset("paper")``)."""
+        return cls(**{**cls.preset_values(name), **overrides})
 
     @classmethod
     def help(cls) -> dict[str, str]:

@@ -63,3 +63,15 @@ class RunFolderError(MtpeftError, FileNotFoundError):
 
 class UsageError(MtpeftError, ValueError):
     """A command-line argument asks for something that does not exist (a task the run does not have)."""
+
+
+class OutputFolderError(MtpeftError, ValueError):
+    """mtpeft refuses to write into a folder: not its own output, inside the source run, a file, or not writable."""
+
+
+class RunLockedError(OutputFolderError):
+    """Another live ``mtpeft train`` holds the run folder's lock; the message names its PID and host."""
+
+
+class ResumeError(TrainingError):
+    """``--resume`` with a config that changes what the saved run trained; the message names the keys."""

@@ -22,6 +22,7 @@ from .core.targets import find_target_linears, set_submodule
 from .core.wrapping import DelegatingModule
 from .errors import AdapterLoadError, ConfigError, MergeError
 from .io.adapter import CONFIG_NAME, check_adapter_state, read_adapter, save_adapter
+from .io.module_state import adapter_module_state, load_module_state
 from .registry import config_from_dict, get_method
 
 TaskIds = torch.Tensor | Sequence[int] | Sequence[str] | int | str | None
@@ -205,8 +206,12 @@ class MTModel(DelegatingModule):
 
     # --- forward and generate -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                task_ids: TaskIds = None, **kwargs: Any) -> Any:
-        """Run the base model with this batch's task ids; adds weighted auxiliary losses to ``out.loss``."""
+                task_ids: TaskIds = None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the base model with this batch's task ids; adds weighted auxiliary losses to ``out.loss``. The
+        columns are named so that transformers.Trainer keeps them and finds ``labels`` (for ``eval_loss``)."""
+        named = {"labels": labels, "position_ids": position_ids, "token_type_ids": token_type_ids}
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise ValueError("forward needs input_ids or inputs_embeds")
@@ -289,10 +294,8 @@ class MTModel(DelegatingModule):
 
     def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Save the adapter (safetensors) and its config atomically into folder ``path``.
-
-        ``state_dict`` replaces the model's own adapter tensors, e.g. whole tensors gathered from a sharded run.
-        """
+        """Save the adapter (safetensors) and its config atomically into folder ``path``; ``state_dict`` replaces
+        the model's own adapter tensors, e.g. whole tensors gathered from a sharded run."""
         state = self.adapter_state_dict() if state_dict is None else state_dict
         return save_adapter(path, state, self.adapter_config, self.base_model, metadata)
 
@@ -313,14 +316,17 @@ class MTModel(DelegatingModule):
                 p.requires_grad_(False)
         return model
 
+    # The adapter only, not the frozen base: what transformers.Trainer checkpoints and resumes (io/module_state).
+    state_dict = adapter_module_state
+    load_state_dict = load_module_state
+
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load adapter tensors; a missing key or a shape mismatch names the module and both shapes."""
         check_adapter_state(self.adapter_state_dict(), state, source)
-        params = dict(self.base_model.named_parameters())
-        buffers = dict(self.base_model.named_buffers())
+        targets = dict(self.base_model.named_parameters(remove_duplicate=False)) | dict(self.base_model.named_buffers())
         with torch.no_grad():
             for key, value in state.items():
-                target = params.get(key, buffers.get(key))
+                target = targets[key]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     # --- merge and export ------------------------------------------------------------------------------
@@ -360,10 +366,8 @@ class MTModel(DelegatingModule):
 
     @torch.no_grad()
     def merge_and_unload(self, task: int | str | None = None) -> nn.Module:
-        """Fold the task's update into the base weights and return the plain transformers model.
-
-        The adapter layers are removed from the base model in place; keep a saved adapter if you need it again.
-        """
+        """Fold the task's update into the base weights and return the plain transformers model. The adapter
+        layers are removed from the base model in place; keep a saved adapter if you need it again."""
         tid = self._merge_task(task)
         dequantized = False
         for name, layer in self._linear_layers().items():
@@ -381,11 +385,8 @@ class MTModel(DelegatingModule):
 
     def export_peft(self, path: str | os.PathLike, task: int | str | None = None, *, rank: int | None = None,
                     calibration: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Write a standard PEFT LoRA folder for ``task`` (adapter_config.json + adapter_model.safetensors).
-
-        Mergeable methods export exactly. Input-routed methods need ``rank`` (and calibration batches for the
-        routing statistics) and export an approximation; the returned report gives its relative error.
-        """
+        """Write a standard PEFT LoRA folder for ``task`` (:func:`mtpeft.io.export.export_peft`): exact for mergeable
+        methods; input-routed ones need ``rank`` and calibration batches and export an approximation."""
         from .io.export import export_peft
 
         return export_peft(self, path, task=task, rank=rank, calibration=calibration)

@@ -14,6 +14,7 @@ import numbers
 import re
 import types
 import typing
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,11 +108,15 @@ def as_float_where_expected(value: Any, hint: Any) -> Any:
 
 def task_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a task name, or None. Task names become folder names (``out/peft/<task>``
-    exports, per-task files), so they cannot hold a path separator or NUL, nor start with '.' ('..')."""
+    exports, per-task files), so they cannot hold a path separator, NUL or another control character (a newline),
+    nor start with '.' ('..')."""
     if "/" in name or "\\" in name:
         return "holds a path separator ('/' or '\\'); task names become folder names"
     if "\x00" in name:
         return "holds a NUL character; task names become folder names"
+    control = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if control is not None:  # a newline or escape would break tables, logs and file names
+        return f"holds the control character {control!r}; task names appear in file names, tables and logs"
     if name.startswith("."):
         return "starts with '.' (a hidden or parent folder); task names become folder names"
     return None

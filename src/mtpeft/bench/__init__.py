@@ -5,7 +5,9 @@ Modules: ``suites`` (which tasks, which run config), ``options`` (what an invoca
 (each method's bench config), ``budget`` (parameter counting and the rank search), ``plan`` (one run config per
 setting, method and seed), ``method_run`` and ``baselines`` (what one run does), ``scoring`` (evaluation and the
 unseen-task policy), ``provenance`` and ``memory`` (what a result records about itself), ``layout`` (the bench
-folder), ``runner`` (orchestration), ``report`` and ``plots``.
+folder), ``runner`` (orchestration), ``report`` and ``plots``; ``suite_file`` (a suite from a YAML file of the
+user's tasks), ``paired`` and ``ranking`` (paired confidence intervals against LoRA and single-task LoRA, and the
+recommendation).
 
 Python API::
 
@@ -26,6 +28,8 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     **{name: "report" for name in ("aggregate", "write_report")},
     "load_results": "layout",
+    **{name: "suite_file" for name in ("SuiteFile", "load_suite_file")},
+    **{name: "paired" for name in ("PairedDifference", "compare", "recommendation")},
     **{
         name: "options"
         for name in (

@@ -30,9 +30,11 @@ from .suites import entry_name
 def run_untrained(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
     """Evaluate the base model without adapters on the run's tasks and unseen tasks."""
     from ..base_models import load_run_base_model, load_tokenizer
+    from ..data.collator import use_chat_template
 
     cfg = run_config_from_dict(copy.deepcopy(spec.config))
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     base = load_run_base_model(cfg.model)
     device = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.model.quantization is None:  # a quantized model was placed on load and cannot move

@@ -47,13 +47,9 @@ class RunSpec:
 
 
 def _adapt_top_layers(cfg: dict[str, Any], top: int, config: Any) -> None:
-    """Adapt only the top ``top`` layers: ``layers_to_transform`` (TA-LoRA: ``prompt_layers``, 1-based)."""
+    """Adapt only the top ``top`` layers: ``layers_to_transform`` (every method, TA-LoRA included)."""
     n_layers = num_layers(config)
-    window = list(range(max(0, n_layers - top), n_layers))
-    if cfg["method"] == "ta_lora":
-        cfg["prompt_layers"] = [i + 1 for i in window]
-    else:
-        cfg["layers_to_transform"] = window
+    cfg["layers_to_transform"] = list(range(max(0, n_layers - top), n_layers))
 
 
 def build_method_config(

@@ -20,6 +20,7 @@ from ..tables import markdown_table
 from .layout import BENCH_NAME, RESULT_NAME, load_errors, load_results
 from .options import method_order as ordered_methods
 from .plots import plot_per_task, plot_scaling, plot_score_vs_params
+from .ranking import public, rank_setting, ranking_lines
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
@@ -211,8 +212,9 @@ def render_markdown(
     results: Sequence[dict[str, Any]],
     errors: Sequence[dict[str, Any]],
     plots: dict[str, str],
+    ranked: dict[str, Any] | None = None,
 ) -> str:
-    """The text of report.md."""
+    """The text of report.md (``ranked``: :func:`~mtpeft.bench.ranking.rank_setting` per setting)."""
     opts = bench.get("options", {})
     title = f"# Benchmark: {bench.get('suite', 'unknown')}{' (quick)' if bench.get('quick') else ''}"
     lines = [title, "", bench.get("description", ""), ""]
@@ -257,6 +259,8 @@ def render_markdown(
             "",
             per_task_table(s),
         ]
+        if ranked and sname in ranked:
+            lines += ["", *ranking_lines(s, ranked[sname])]
         if s["unseen_tasks"]:
             lines += [
                 "",
@@ -319,13 +323,15 @@ def write_report(out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str,
             written["scaling"] = str(
                 plot_scaling(agg, folder / "scaling.png", bench.get("core_tasks", [])).relative_to(out)
             )
-    md = render_markdown(out, agg, bench, results, errors, written)
+    ranked = {name: rank_setting(s, [r for r in results if r["setting"] == name]) for name, s in agg.items()}
+    md = render_markdown(out, agg, bench, results, errors, written, ranked)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.json").write_text(
         json.dumps(
             {
                 "suite": bench.get("suite"),
                 "settings": agg,
+                "ranking": {name: public(r) for name, r in ranked.items()},
                 "failed": [{k: e.get(k) for k in ("setting", "method", "seed", "error")} for e in errors],
             },
             indent=2,

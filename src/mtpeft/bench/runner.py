@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..errors import BenchError
-from ..training.run_config import run_config_from_dict
+from ..training.run_config import flat_keys, run_config_from_dict
 from .baselines import run_single_task, run_untrained
 from .layout import BENCH_NAME, ERROR_NAME, RESULT_NAME, write_json
 from .memory import PeakMemory, cpu_seconds
@@ -60,15 +60,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: data}
-
-
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two run-config mappings.
 
@@ -76,8 +67,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     (those sections always hold every field, so such a key comes from a newer or older mtpeft, not from the
     benchmark's options).
     """
-    a = {k: v for k, v in _flat(old).items() if k != "output_dir"}
-    b = {k: v for k, v in _flat(new).items() if k != "output_dir"}
+    a = {k: v for k, v in flat_keys(old).items() if k != "output_dir"}
+    b = {k: v for k, v in flat_keys(new).items() if k != "output_dir"}
 
     def relevant(key: str) -> bool:
         return (key in a and key in b) or key.split(".", 1)[0] not in ("model", "data", "train", "eval")

@@ -43,7 +43,12 @@ class FixedTaskIds(nn.Module):
 
 
 def task_metrics_dict(result: Any) -> dict[str, dict[str, Any]]:
-    """An EvalResult as ``{task: {"metric", "score", "n", "metrics"}}``."""
+    """An EvalResult as ``{task: {"metric", "score", "n", "metrics", "items"}}``; ``items``: the primary metric of
+    every test example in eval order (what :mod:`mtpeft.bench.paired` pairs across methods), when the result
+    holds its predictions."""
+    items: dict[str, list[float]] = {}
+    for pred in getattr(result, "predictions", None) or []:
+        items.setdefault(pred["task"], []).append(float(pred["score"]))
     out = {}
     for task, metric in result.primary.items():
         values = dict(result.metrics[task])
@@ -53,6 +58,8 @@ def task_metrics_dict(result: Any) -> dict[str, dict[str, Any]]:
             "n": int(values.get("n", 0)),
             "metrics": {k: float(v) for k, v in values.items() if k != "n"},
         }
+        if task in items:
+            out[task]["items"] = items[task]
     return out
 
 

@@ -92,8 +92,8 @@ class Suite:
         settings: the training settings (one for most suites, several for ``bbh-scaling``).
         config: run-config sections ``model``, ``data``, ``train``, ``eval`` (no ``tasks``, ``method`` or
             ``output_dir``: the runner fills those in).
-        top_layers: adapt only the top ``k`` transformer layers (``layers_to_transform``; TA-LoRA's
-            ``prompt_layers``); None adapts every layer.
+        top_layers: adapt only the top ``k`` transformer layers (``layers_to_transform``, TA-LoRA
+            included); None adapts every layer.
         quick: whether this is the reduced CPU variant.
         core_tasks: tasks shared by every setting (``bbh-scaling``: the first 5), averaged separately.
         scaling_steps: how the settings' steps were derived from ``train.steps`` ('per_task' or 'fixed').

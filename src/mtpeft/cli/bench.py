@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from datetime import date
 from pathlib import Path
@@ -53,21 +54,32 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.options import BenchOptions, validate_methods
     from ..bench.report import write_report
     from ..bench.runner import BenchRunner
-    from ..bench.suites import get_suite
+    from ..bench.suite_file import is_suite_file, load_suite_file
+    from ..bench.suites import apply_scaling_steps, get_suite
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output) if args.output else default_output(args.suite, args.quick, args.name)
+    from_file = load_suite_file(args.suite, quick=args.quick) if is_suite_file(args.suite) else None
+    suite_name = from_file.suite.name if from_file else args.suite
+    out = Path(args.output) if args.output else default_output(suite_name, args.quick, args.name)
     if args.report_only:
         paths = write_report(out)
         print(f"report: {paths['markdown']}")
         return 0
-    suite = get_suite(args.suite, quick=args.quick, scaling_steps=args.scaling_steps or "per_task")
-    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
+    if from_file is not None:
+        suite = from_file.suite
+        if args.scaling_steps:
+            suite = apply_scaling_steps(suite, args.scaling_steps)
+    else:
+        suite = get_suite(args.suite, quick=args.quick, scaling_steps=args.scaling_steps or "per_task")
+    file_seeds = from_file.seeds if from_file and args.seeds is None else None
+    count = args.seeds or (1 if args.quick else 3)
+    seeds = file_seeds or list(range(args.first_seed, args.first_seed + count))
+    methods = args.methods or (from_file.methods if from_file else None) or ALL_METHODS
     options = BenchOptions(
-        methods=validate_methods(args.methods),
+        methods=validate_methods(methods),
         seeds=seeds,
-        param_budget=args.param_budget,
+        param_budget=args.param_budget or (from_file.param_budget if from_file else None),
         steps=args.steps,
         overrides=list(args.set),
         single_task_steps=args.single_task_steps,
@@ -86,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     runner.run()
     paths = write_report(runner.out_dir)
     print(f"\nreport: {paths['markdown']}\nplots:  {', '.join(paths['plots'].values())}")
+    for setting, ranked in json.loads(Path(paths["json"]).read_text()).get("ranking", {}).items():
+        print(f"recommendation{'' if len(suite.settings) == 1 else f' ({setting})'}: {ranked['recommendation']}")
     return 0
 
 
@@ -138,18 +152,23 @@ def add_parser(subparsers: Any) -> None:
         "per run and a report (Markdown tables, PNG plots). Re-running the same command skips finished runs.",
         formatter_class=_DefaultsFormatter,
     )
-    p.add_argument("suite", metavar="SUITE", help=f"Benchmark suite: one of {', '.join(SUITE_NAMES)}.")
+    p.add_argument(
+        "suite",
+        metavar="SUITE",
+        help=f"Benchmark suite: one of {', '.join(SUITE_NAMES)}, or a suite file (YAML: task specs as in a run "
+        "config plus steps, batch_size, lr, seeds, methods, budget; see examples/bench/local_suite.yaml).",
+    )
     p.add_argument(
         "--methods",
-        default=ALL_METHODS,
-        help="Comma-separated methods and baselines (untrained, single_task_lora); default: all eight methods "
-        "and both baselines.",
+        default=None,
+        help="Comma-separated methods and baselines (untrained, single_task_lora); default: the suite file's "
+        "methods, else all eight methods and both baselines.",
     )
     p.add_argument(
         "--seeds",
         type=int,
         default=None,
-        help="Number of training seeds per method (default: 1 with --quick, else 3).",
+        help="Number of training seeds per method (default: the suite file's seeds, else 1 with --quick, else 3).",
     )
     p.add_argument("--first-seed", type=int, default=0, help="The first seed (seeds are consecutive).")
     p.add_argument(

@@ -19,5 +19,6 @@ def run(args: argparse.Namespace) -> int:
     for name in available_methods():
         spec = get_method(name)
         print(f"{name:14s} merge={spec.merge:9s} task ids at inference={'yes' if spec.task_ids_at_inference else 'no '}"
-              f"  {spec.description}")
+              f"  {spec.description}"
+              + (f" Presets: {', '.join(sorted(spec.config_class.presets))}." if spec.config_class.presets else ""))
     return 0

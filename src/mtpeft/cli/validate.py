@@ -22,10 +22,13 @@ def run(args: argparse.Namespace) -> int:
     """Load and resolve everything a run would; print one summary line."""
     from ..data.resolve import resolve_task_specs
     from ..training.run_config import load_run_config, method_config_for
+    from .checks import check_data_files, check_model_path
 
     cfg = load_run_config(args.config, args.set)
     specs = resolve_task_specs(cfg)
     method_config_for(cfg, [s.name for s in specs])
+    model = check_model_path(cfg.model.name)
+    files = check_data_files(specs, cfg.data.root)
     print(f"{args.config}: valid. method={cfg.method['method']} tasks={len(specs)} steps={cfg.train.steps} "
-          f"output_dir={cfg.output_dir}")
+          f"output_dir={cfg.output_dir} model={model} data files found={files}")
     return 0

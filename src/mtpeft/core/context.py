@@ -15,7 +15,11 @@ class TaskContext:
 
     ``task_ids``: LongTensor (batch,) or None. ``token_mask``: the attention mask (batch, seq) or None, for
     losses that must ignore padding. ``collect``: layers cache what the auxiliary losses need (training only).
-    ``global_step``: the optimizer step, for regularizers applied every k steps.
+    ``global_step``: the optimizer step, for regularizers applied every k steps. ``total_steps``: the run's
+    length in optimizer steps when a trainer knows it (None otherwise), for schedules relative to the run.
+    ``micro_step``: the micro-batch's index within the optimizer step under gradient accumulation (0 when there
+    is none), so that a term meant once per optimizer step is added to one micro-batch only. ``counters``: event
+    counts methods keep for the run summary (e.g. mtLoRA's ``spectral_firings``).
 
     The values stay set after a forward returns, so that activation checkpointing can recompute the forward
     during backward with the same task ids; the next forward overwrites them.
@@ -26,6 +30,13 @@ class TaskContext:
         self.token_mask: torch.Tensor | None = None
         self.collect: bool = False
         self.global_step: int = 0
+        self.total_steps: int | None = None
+        self.micro_step: int = 0
+        self.counters: dict[str, int] = {}
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add ``by`` to the run counter ``name`` (reported in the trainer's metrics and ``summary.json``)."""
+        self.counters[name] = self.counters.get(name, 0) + by
 
     def require_task_ids(self, who: str, batch: int) -> torch.Tensor:
         """The current task ids, checked against the batch size seen by layer ``who``."""

@@ -9,7 +9,7 @@ the exports and the diagnostics read the declared capabilities instead of probin
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from .context import TaskContext
 from .lowrank import adapter_dtype
 from .quant import dense_weight
+from .targets import is_conv1d
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
@@ -80,6 +81,7 @@ class AdapterLayer(nn.Module):
 class LinearAdapter(AdapterLayer):
     """Base of the adapter layers that wrap one linear.
 
+    ``base_layer`` is an ``nn.Linear`` (or a bitsandbytes one) or a transformers ``Conv1D`` (``fan_in_fan_out``).
     Subclasses implement ``adapter_output(x)`` (the scaled update, any shape ``(..., d_out)``) and
     ``lora_factors(task)`` returning ``(A, B)`` with ``B @ A`` equal to the task's weight update, the scale
     folded into B. ``delta_weight``, merging and PEFT export are derived from ``lora_factors``.
@@ -88,8 +90,14 @@ class LinearAdapter(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, context: TaskContext, name: str = "") -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        # A transformers Conv1D (GPT-2) stores its weight d_in x d_out: the adapter works on the transposed,
+        # nn.Linear-shaped weight and transposes back where it writes the base layer (PEFT's fan_in_fan_out).
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features = base_layer.in_features
+            self.out_features = base_layer.out_features
         self.scale = config.scale
         self.module_name = name
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -119,12 +127,42 @@ class LinearAdapter(AdapterLayer):
         a, b = self.lora_factors(task)
         return b @ a
 
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's dense weight as d_out x d_in (nn.Linear's layout; a Conv1D weight transposed, a 4-/8-bit
+        weight dequantized)."""
+        w = dense_weight(self.base_layer)
+        return w.t() if self.fan_in_fan_out else w
+
     def merged_weight(self, task: int | None = None) -> torch.Tensor:
         """Base weight plus this task's update, computed in fp32 and cast to the base dtype (a 4-/8-bit base
-        weight is dequantized first, and the result stays in its dequantized dtype)."""
-        w = dense_weight(self.base_layer)
+        weight is dequantized first, and the result stays in its dequantized dtype), in the base layer's own
+        layout (d_in x d_out for a Conv1D), ready to be copied into its weight."""
+        w = self.base_weight()
         delta = self.delta_weight(task)
-        return (w.to(delta.dtype) + delta).to(w.dtype)
+        merged = (w.to(delta.dtype) + delta).to(w.dtype)
+        return merged.t() if self.fan_in_fan_out else merged
+
+    def peft_extras(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What a PEFT LoRA export of this layer needs beside its factors: ``LoraConfig`` options
+        (``fan_in_fan_out`` over a Conv1D) and tensors keyed by their PEFT name inside the module."""
+        return ({"fan_in_fan_out": True} if self.fan_in_fan_out else {}), {}
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scale={self.scale:g}"
+
+
+def peft_export_extras(layers: dict[str, nn.Module], names: Iterable[str]) -> tuple[dict[str, Any],
+                                                                                    dict[str, torch.Tensor]]:
+    """The ``LoraConfig`` options and extra tensors (``<module>.<peft name>``) of the exported modules ``names``:
+    ``fan_in_fan_out`` when any is a Conv1D (PEFT sets it per module from the module's type), ``use_dora`` and
+    DoRA's ``lora_magnitude_vector``."""
+    options: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        layer = layers.get(name)
+        if not isinstance(layer, LinearAdapter):
+            continue
+        layer_options, layer_tensors = layer.peft_extras()
+        options.update(layer_options)
+        tensors.update({f"{name}.{key}": value for key, value in layer_tensors.items()})
+    return options, tensors

@@ -74,3 +74,22 @@ def truncate_factors(factors: Factors, rank: int) -> tuple[Factors, float]:
         out[name] = (a2.to(a.dtype), b2.to(b.dtype))
         worst = max(worst, err)
     return out, worst
+
+
+#: Initializations of a LoRA from its base weight (as PEFT's ``init_lora_weights``).
+WEIGHT_INITS = ("pissa", "olora")
+
+
+def factors_from_weight(weight: torch.Tensor, rank: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A: r x d_in, B: d_out x r) taken from a base weight (d_out x d_in), computed in fp32 as PEFT does:
+    'pissa' gives the top-r singular triplets, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), so that
+    s B A is the weight's best rank-r part; 'olora' the first r columns of W's QR decomposition, A = R_r, B = Q_r."""
+    w = weight.detach().to(torch.float32)
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = (s[:rank] / scale).sqrt()
+        return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+    if init == "olora":
+        q, r = torch.linalg.qr(w)
+        return r[:rank].contiguous(), q[:, :rank].contiguous()
+    raise ConfigError(f"unknown weight init {init!r}; expected one of {list(WEIGHT_INITS)}")

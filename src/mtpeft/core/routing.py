@@ -31,8 +31,18 @@ if TYPE_CHECKING:
 CV_EPS = 1e-10
 
 
-def routing_groups(dim: int, group_size: int | None, who: str = "") -> int:
-    """Number G of routing groups over ``dim`` output channels; 1 (scalar routing) for None or size >= dim."""
+AUTO = "auto"
+
+
+def routing_groups(dim: int, group_size: int | str | None, who: str = "", num_groups: int = 2) -> int:
+    """Number G of routing groups over ``dim`` output channels; 1 (scalar routing) for None or size >= dim.
+
+    ``group_size='auto'`` gives ``num_groups`` groups at any width (mtLoRA's G = 2: the paper's 2048 of 4096),
+    the last one shorter when ``num_groups`` does not divide ``dim`` (e.g. an odd width); an explicit size must
+    divide ``dim``.
+    """
+    if group_size == AUTO:
+        return max(1, min(int(num_groups), dim))
     if group_size is None or group_size >= dim:
         return 1
     if group_size <= 0 or dim % group_size:
@@ -58,8 +68,11 @@ def routed_up(z: torch.Tensor, pi: torch.Tensor, lora_B: torch.Tensor) -> torch.
     experts, d_out, r = lora_B.shape
     groups = pi.shape[-2]
     w = (pi.to(z.dtype)[..., None] * z[..., None, None, :]).flatten(-2)  # (..., G, E*r)
-    b = lora_B.permute(1, 0, 2).reshape(groups, d_out // groups, experts * r)  # (G, d_out/G, E*r)
-    return torch.einsum("...gk,gok->...go", w, b).flatten(-2)
+    padded = -(-d_out // groups) * groups  # 'auto' groups over a width they do not divide: zero rows, cut after
+    if padded != d_out:
+        lora_B = F.pad(lora_B, (0, 0, 0, padded - d_out))
+    b = lora_B.permute(1, 0, 2).reshape(groups, padded // groups, experts * r)  # (G, d_out/G, E*r)
+    return torch.einsum("...gk,gok->...go", w, b).flatten(-2)[..., :d_out]
 
 
 def routing_statistics(pi: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +97,16 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 def check_expert_options(config: AdapterConfig) -> None:
     """The routed methods' shared option checks: ``num_experts`` a positive integer and, where the config has
-    one, ``routing_group_size`` None or a positive integer."""
+    one, ``routing_group_size`` None, ``'auto'`` (then ``routing_groups`` a positive integer) or a positive
+    integer."""
     config.check_positive_int("num_experts")
     if hasattr(config, "routing_group_size"):
-        config.check_positive_int("routing_group_size", optional=True)
+        if config.routing_group_size == AUTO:
+            config.check_positive_int("routing_groups")
+        else:
+            config.check("routing_group_size", not isinstance(config.routing_group_size, str),
+                         "None, 'auto' or a positive integer")
+            config.check_positive_int("routing_group_size", optional=True)
 
 
 class RoutedExpertsMixin:

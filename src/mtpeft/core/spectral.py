@@ -59,3 +59,26 @@ def spectral_paper(expert_sets: list[torch.Tensor]) -> torch.Tensor | None:
     if not values:
         return None
     return torch.stack(values).mean()
+
+
+#: The released BBH scripts' ``spectral_reg_steps``: the period used when the run length is not known.
+UNKNOWN_RUN_PERIOD = 500
+
+
+def run_relative_steps(total_steps: int, firings: int) -> list[int]:
+    """The optimizer steps (0-based: completed steps) at which a term fired ``firings`` times per run of
+    ``total_steps`` steps applies: evenly inside the run, k * total // (firings + 1) for k = 1..firings (one
+    firing: the middle of the run, as the released scripts' 500 of ~844 steps per epoch)."""
+    total, n = int(total_steps), int(firings)
+    return sorted({min(total - 1, k * total // (n + 1)) for k in range(1, n + 1)}) if total > 0 and n > 0 else []
+
+
+def spectral_due(step: int, every: int | None, total_steps: int | None = None, firings: int = 1) -> bool:
+    """Whether a spectral term applies at ``step`` (= completed optimizer steps). ``every``: after every
+    ``every`` steps, ``(step + 1) % every == 0`` (the released trainer's rule); None: ``firings`` times per run
+    (:func:`run_relative_steps`) when ``total_steps`` is known, else every :data:`UNKNOWN_RUN_PERIOD` steps."""
+    if every is None:
+        if total_steps:
+            return int(step) in run_relative_steps(total_steps, firings)
+        every = UNKNOWN_RUN_PERIOD
+    return (int(step) + 1) % every == 0

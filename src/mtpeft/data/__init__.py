@@ -10,6 +10,7 @@ from .collator import (
     eos_token_id,
     pad_token_id,
 )
+from .lengths import screen_lengths
 from .loaders import DataFormatError, Record, read_located_records, read_records
 from .metrics import (
     METRICS,
@@ -131,5 +132,6 @@ __all__ = [
     "resolve_task_specs",
     "rouge_l",
     "score_example",
+    "screen_lengths",
     "token_f1",
 ]

@@ -3,6 +3,10 @@
 Prompt and target are tokenized separately and concatenated as ids: ``prompt ids + target ids + EOS id``.
 EOS is appended by its id, never as text (some tokenizers, e.g. SmolLM2's GGUF one, do not parse the
 EOS text back into the single special token). Labels are -100 on prompt and padding tokens.
+
+A tokenizer given :func:`use_chat_template` wraps every prompt in its chat template (one user turn and the
+generation prompt, as lm-eval's ``--apply_chat_template`` does) wherever mtpeft tokenizes one: training,
+generation, option scoring, predict and bench all go through :func:`tokenize_prompt`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .spec import Example
 __all__ = [
     "IGNORE_INDEX",
     "TRUNCATION_POLICIES",
+    "OVERLONG_POLICIES",
     "TruncationError",
     "MultiTaskCollator",
     "encode_prompts",
@@ -27,12 +32,17 @@ __all__ = [
     "pad_token_id",
     "eos_token_id",
     "truncate_prompt_left",
+    "use_chat_template",
+    "chat_prompt",
 ]
 
 #: Label value ignored by the loss.
 IGNORE_INDEX = -100
 #: Allowed ``truncation`` values of :class:`MultiTaskCollator`.
 TRUNCATION_POLICIES: tuple[str, ...] = ("left", "right", "error")
+#: Allowed ``data.truncation`` values of a run: ``skip`` leaves over-long examples out when the tasks are loaded
+#: (:func:`mtpeft.data.lengths.screen_lengths`); one that reaches the collator anyway is an error there.
+OVERLONG_POLICIES: tuple[str, ...] = (*TRUNCATION_POLICIES, "skip")
 
 
 def eos_token_id(tokenizer: Any) -> int:
@@ -55,12 +65,48 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else eos_token_id(tokenizer)
 
 
+#: The tokenizer attribute :func:`use_chat_template` sets: the chat template prompts go through, or None.
+CHAT_TEMPLATE_ATTR = "mtpeft_chat_template"
+
+
+def use_chat_template(tokenizer: Any, setting: str | None) -> Any:
+    """Make ``tokenizer`` wrap the prompts mtpeft tokenizes in a chat template; returns the tokenizer.
+
+    ``setting`` is ``data.chat_template``: ``"auto"`` uses the tokenizer's own template when it has one (instruct
+    models) and none otherwise, ``"none"`` (or None) none, anything else is a Jinja chat template to use.
+    """
+    if setting in (None, "none"):
+        template = None
+    elif setting == "auto":
+        template = getattr(tokenizer, "chat_template", None) or None
+    else:
+        template = setting
+    setattr(tokenizer, CHAT_TEMPLATE_ATTR, template)
+    return tokenizer
+
+
+def chat_prompt(tokenizer: Any, text: str) -> str | None:
+    """``text`` as one user turn of the tokenizer's chat template, with the generation prompt; None when the
+    tokenizer was given no chat template (see :func:`use_chat_template`)."""
+    template = getattr(tokenizer, CHAT_TEMPLATE_ATTR, None)
+    if not template:
+        return None
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], chat_template=template,
+                                         tokenize=False, add_generation_prompt=True)
+
+
 def _special_ids(tokenizer: Any) -> set[int]:
     return set(getattr(tokenizer, "all_special_ids", []) or [])
 
 
 def tokenize_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt, with the tokenizer's leading special tokens (e.g. BOS), never a trailing EOS."""
+    """Token ids of a prompt, with the tokenizer's leading special tokens (e.g. BOS), never a trailing EOS.
+
+    Under a chat template (:func:`use_chat_template`) the prompt is the rendered chat, whose special tokens the
+    template writes itself."""
+    chat = chat_prompt(tokenizer, text)
+    if chat is not None:
+        return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if ids and eos is not None and ids[-1] == eos:
@@ -149,7 +195,8 @@ class MultiTaskCollator:
         truncation: what to do with a too-long example: ``"left"`` (default) drops tokens from the start
             of the prompt (after any leading BOS) so the target stays whole; ``"right"`` keeps the first
             ``max_length`` tokens (the target may be cut; at least one target token must remain);
-            ``"error"`` raises. In every policy, a target (with EOS) longer than ``max_length`` raises.
+            ``"error"`` raises, and so does ``"skip"`` (such examples are left out before they get here).
+            In every policy, a target (with EOS) longer than ``max_length`` raises.
         pad_to_multiple_of: round the padded length up to a multiple of this.
 
     Calling the collator on a list of examples returns LongTensors ``input_ids``, ``attention_mask``,
@@ -164,9 +211,9 @@ class MultiTaskCollator:
         truncation: str = "left",
         pad_to_multiple_of: int | None = None,
     ) -> None:
-        if truncation not in TRUNCATION_POLICIES:
+        if truncation not in OVERLONG_POLICIES:
             raise ValueError(
-                f"unknown truncation policy {truncation!r}; allowed: {list(TRUNCATION_POLICIES)}"
+                f"unknown truncation policy {truncation!r}; allowed: {list(OVERLONG_POLICIES)}"
             )
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -208,10 +255,10 @@ class MultiTaskCollator:
             )
         total = len(prompt) + len(target)
         if total > self.max_length:
-            if self.truncation == "error":
+            if self.truncation in ("error", "skip"):
                 raise TruncationError(
                     f"{where}: {total} tokens (prompt {len(prompt)} + target {len(target)}) exceed "
-                    f"max_length={self.max_length} and truncation='error'"
+                    f"max_length={self.max_length} and truncation={self.truncation!r}"
                 )
             if self.truncation == "left":
                 prompt = _truncate_left(

@@ -159,6 +159,9 @@ def _rows(rows: Any, where: str) -> list[Record]:
 
 
 def _read_hub(spec: TaskSpec, name: str, split: str) -> list[Record]:
+    if Path(name).expanduser().is_dir() and is_saved_dataset(Path(name).expanduser()):
+        # ``hf:<a save_to_disk folder>``: load_dataset refuses these in older datasets ("use load_from_disk")
+        return _read_saved(spec, str(Path(name).expanduser()), split)
     datasets = _datasets()
     try:
         ds = datasets.load_dataset(name, spec.subset, split=split)

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,9 @@ class TaskSpec:
             ``tsv_header=True`` the file's header row is skipped and ``columns`` used instead.
         transform: name of a registered record transform applied before templating (see
             ``register_transform``).
+        stop: generation tasks: stop strings; the prediction is the text before the first one, as with
+            lm-eval's ``until``. Default (``None``): ``["\\n"]`` when every target is one line, else none
+            (``[]``: only EOS ends an answer). See :meth:`resolved_stop`.
         description: free text.
     """
 
@@ -137,6 +140,7 @@ class TaskSpec:
     columns: list[str] | None = None
     tsv_header: bool | None = None
     transform: str | None = None
+    stop: list[str] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -231,6 +235,10 @@ class TaskSpec:
             self.fields = {str(k): str(v) for k, v in self.fields.items()}
         if self.columns is not None:
             self.columns = [str(c) for c in self.columns]
+        if self.stop is not None:
+            self.stop = [str(s) for s in self.stop]
+            if any(not s for s in self.stop):
+                raise err(f"stop strings must be non-empty, got {self.stop!r}")
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -248,6 +256,13 @@ class TaskSpec:
         if self.labels is not None and len(self.labels) == 2:
             return self.labels[-1]
         return None
+
+    def resolved_stop(self, targets: Iterable[str]) -> list[str]:
+        """The stop strings of generation: ``stop``, else a newline when none of ``targets`` (the task's rendered
+        targets) spans more than one line, else none."""
+        if self.stop is not None:
+            return list(self.stop)
+        return [] if any("\n" in t.strip() for t in targets) else ["\n"]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of every field (YAML/JSON-friendly); :meth:`from_dict` inverts it."""

@@ -67,6 +67,15 @@ def _render(spec: TaskSpec, which: str, template: str, view: Mapping[str, Any], 
             f"task {spec.name!r}: {rec.where()}: {which} template {template!r} uses field "
             f"{missing[0]!r}, which the record lacks; available fields: {sorted(view)}"
         )
+    # format() would render a null as the text "None" and train on it; a null gold label of a scored task is
+    # reported below, as a label outside the label set
+    scored_label = spec.resolved_label_field() if spec.type != "generation" else None
+    null = [f for f in template_fields(template) if view[f] is None and f != scored_label]
+    if null:
+        raise DataFormatError(
+            f"task {spec.name!r}: {rec.where()}: field {null[0]!r} is null, and the {which} template {template!r} "
+            f"uses it; fill it in or drop the record"
+        )
     try:
         return template.format_map(view)
     except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:

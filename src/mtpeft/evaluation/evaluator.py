@@ -1,6 +1,7 @@
 """Evaluate a (multi-task) causal LM on tasks: greedy generation or option log-likelihood, per-task metrics.
 
-Generation tasks are scored by batched greedy decoding (``model.generate``), cut at the EOS id, and the
+Generation tasks are scored by batched greedy decoding (``model.generate``), cut at the EOS id and before the
+task's stop strings (``TaskSpec.resolved_stop``: a newline for one-line targets, as lm-eval's ``until``), and the
 task's metric (:mod:`.generation`). Multiple-choice and classification tasks are scored by option
 log-likelihood (:mod:`.options`).
 
@@ -109,7 +110,7 @@ def evaluate(
             if spec.type == "generation":
                 preds = generate_predictions(model, tokenizer, mine, tid, batch_size=batch_size,
                                              max_new_tokens=max_new_tokens, device=device, max_length=max_length,
-                                             progress_bar=bar)
+                                             progress_bar=bar, stop=spec.resolved_stop(ex.target for ex in exs))
             else:
                 option_scores = score_options(model, tokenizer, mine, tid, batch_size=batch_size, device=device,
                                               max_length=max_length, progress_bar=bar)

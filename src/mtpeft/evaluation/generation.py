@@ -1,4 +1,5 @@
-"""Greedy generation for generation tasks: batched, left-padded prompts, continuations cut at EOS."""
+"""Greedy generation for generation tasks: batched, left-padded prompts, continuations cut at EOS and at the
+task's stop strings (as lm-eval's ``until`` cuts them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..data.collator import encode_prompts, eos_token_id, pad_token_id
 from ..data.spec import Example
 from .batching import length_sorted_batches, model_device
 
-__all__ = ["generate_predictions"]
+__all__ = ["cut_at_stop_strings", "generate_predictions"]
 
 
 def cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:
@@ -20,6 +21,15 @@ def cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:
         if t in stop:
             return ids[:i]
     return ids
+
+
+def cut_at_stop_strings(text: str, stop: Sequence[str]) -> str:
+    """``text`` before its stop strings, cut one stop string after the other exactly as lm-eval's ``until`` does
+    (``text.split(s)[0]`` for each), so that both score the same answer."""
+    for s in stop:
+        if s:
+            text = text.split(s)[0]
+    return text
 
 
 @torch.no_grad()
@@ -34,11 +44,14 @@ def generate_predictions(
     device: torch.device | str | None = None,
     max_length: int | None = None,
     progress_bar: Any = None,
+    stop: Sequence[str] = (),
 ) -> list[str]:
     """Greedy-decode a continuation for each example's prompt (batched, left-padded).
 
-    Generations are cut at the first EOS id and only the new tokens are decoded (special tokens
-    skipped). Examples are batched by similar prompt length; the output follows the input order.
+    Generations are cut at the first EOS id, only the new tokens are decoded (special tokens skipped), and the
+    text is cut before the stop strings (:func:`cut_at_stop_strings`; e.g. ``["\\n"]``, see
+    :meth:`~mtpeft.data.spec.TaskSpec.resolved_stop`). Examples are batched by similar prompt length; the output
+    follows the input order.
     """
     dev = torch.device(device) if device is not None else model_device(model)
     eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
@@ -61,7 +74,8 @@ def generate_predictions(
         sequences = gen.sequences if hasattr(gen, "sequences") else gen
         new = sequences[:, input_ids.shape[1] :].tolist()
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(cut_at_stop(new[row], {eos}), skip_special_tokens=True)
+            text = tokenizer.decode(cut_at_stop(new[row], {eos}), skip_special_tokens=True)
+            out[i] = cut_at_stop_strings(text, stop)
         if progress_bar is not None:
             progress_bar.update(1)
     return out

@@ -59,26 +59,30 @@ class EvalResult:
         except KeyError as exc:
             raise ValueError(f"not an EvalResult dict: missing key {exc}") from None
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``metrics.json``, ``metrics.md`` (a Markdown table) and ``predictions.jsonl``."""
+    def save(self, directory: str | Path, name: str = "metrics") -> Path:
+        """Write ``metrics.json``, ``metrics.md`` (a Markdown table) and ``predictions.jsonl``.
+
+        Another ``name`` (``"before"``: the scores before training) writes ``NAME.json``, ``NAME.md`` and
+        ``NAME_predictions.jsonl`` beside them.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.json").write_text(
+        (d / f"{name}.json").write_text(
             json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n", encoding="utf-8"
         )
-        (d / "metrics.md").write_text(self.format_table(markdown=True) + "\n", encoding="utf-8")
-        with (d / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+        (d / f"{name}.md").write_text(self.format_table(markdown=True) + "\n", encoding="utf-8")
+        with (d / _predictions_file(name)).open("w", encoding="utf-8") as fh:
             for p in self.predictions:
                 fh.write(json.dumps(p, ensure_ascii=False) + "\n")
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> EvalResult:
-        """Read a result written by :meth:`save`."""
+    def load(cls, directory: str | Path, name: str = "metrics") -> EvalResult:
+        """Read a result written by :meth:`save` (with the same ``name``)."""
         d = Path(directory)
-        data = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        data = json.loads((d / f"{name}.json").read_text(encoding="utf-8"))
         preds: list[dict[str, Any]] = []
-        pred_file = d / "predictions.jsonl"
+        pred_file = d / _predictions_file(name)
         if pred_file.exists():
             preds = [
                 json.loads(line)
@@ -118,6 +122,10 @@ def compare_table(before: EvalResult, after: EvalResult, markdown: bool = False)
         b, a = getattr(before, name), getattr(after, name)
         rows.append([name, "-", _opt_pct(b), _opt_pct(a), _delta(b, a)])
     return _summary_table(["task", "metric", "before %", "after %", "delta"], rows, markdown)
+
+
+def _predictions_file(name: str) -> str:
+    return "predictions.jsonl" if name == "metrics" else f"{name}_predictions.jsonl"
 
 
 def _summary_table(header: list[str], rows: list[list[str]], markdown: bool) -> str:

@@ -105,6 +105,10 @@ def read_adapter(path: str | os.PathLike, base_model: nn.Module, *, strict_base:
     except Exception as exc:
         raise AdapterLoadError(f"{weights}: not a valid safetensors file ({exc}); mtpeft loads safetensors "
                                f"only and never unpickles weights") from exc
+    for key, value in state.items():  # saving refuses these; a file edited or damaged later still has them
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{weights}: tensor {key!r} holds NaN or inf values; the adapter is damaged "
+                                   f"(retrain, or load an earlier checkpoint)")
     return adapter_config, state, weights
 
 

@@ -296,6 +296,7 @@ def approximate_factors(model: nn.Module, task: int | str | None, rank: int,
         "mean_routing": {p.export_name: p.mean_routing.tolist() for p in probes
                          if isinstance(p, _ComponentProbe)},
         "calibration_tokens": tokens_seen,
+        "calibration_batches": len(batches),
         "ridge": ridge,
     }
     return factors, report

@@ -7,7 +7,8 @@ Options beyond the original:
 
 - ``routing_group_size``: fine-grained routing (FGR, from mtLoRA): the router gives one softmax over the heads
   for every contiguous group of ``routing_group_size`` output channels (G = out_features / group_size groups,
-  router output index g*N + i). ``None`` or a size >= out_features is scalar routing (the original).
+  router output index g*N + i). ``None`` or a size >= out_features is scalar routing (the original);
+  ``'auto'`` is ``routing_groups`` groups per module at any width (mtLoRA's component mode uses that).
 - ``balance_weight``: the CV^2 load-balance loss (off by default, as the original returns a zero balance loss;
   mtLoRA's HydraLoRA baseline uses 0.01). CV^2 = var / mean^2 of the mean routing weight per head, the mean
   taken over batch, tokens (padding masked) and groups; ``var`` is the unbiased variance (torch's default, as
@@ -50,10 +51,13 @@ class HydraLoRAConfig(AdapterConfig):
     method = "hydralora"
     num_experts: int = help_field("Number N of up-projection heads B_i (HydraLoRA's script: 4; mtLoRA's baseline: 16).",
                                   default=4)
-    routing_group_size: int | None = help_field("Fine-grained routing: one softmax over heads per group of this many "
-                                                "output channels. None (or a value >= out_features) is scalar routing "
-                                                "as the original; otherwise it must divide out_features of every "
-                                                "target module.", default=None)
+    routing_group_size: int | str | None = help_field("Fine-grained routing: one softmax over heads per group of this "
+                                                      "many output channels. None (or a value >= out_features) is "
+                                                      "scalar routing as the original; 'auto' is `routing_groups` "
+                                                      "groups per module; otherwise it must divide out_features of "
+                                                      "every target module.", default=None)
+    routing_groups: int = help_field("With routing_group_size='auto': the number G of routing groups per module.",
+                                     default=2)
     balance_weight: float = help_field("Weight of the CV^2 load-balance loss (0 = off, as the original; mtLoRA's "
                                        "baseline: 0.01).", default=0.0)
 
@@ -70,7 +74,8 @@ class HydraLoRALinear(SharedDownRoutedMixin, LinearAdapter):
     def __init__(self, base_layer: nn.Linear, config: HydraLoRAConfig, context: TaskContext,
                  name: str = "") -> None:
         super().__init__(base_layer, config, context, name)
-        groups = routing_groups(self.out_features, config.routing_group_size, f" of module {name!r}" if name else "")
+        groups = routing_groups(self.out_features, config.routing_group_size, f" of module {name!r}" if name else "",
+                                config.routing_groups)
         self.init_routed_parameters(self.in_features, self.out_features, config, groups, self.factory_kwargs)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +110,8 @@ class HydraLoRALinear(SharedDownRoutedMixin, LinearAdapter):
 
     def expected_delta_weight(self, mean_pi: torch.Tensor) -> torch.Tensor:
         """The update for fixed routing weights ``mean_pi`` (G, E): group g's rows get sum_e pi_ge s B_e A."""
-        rows = mean_pi.to(self.lora_B.dtype).repeat_interleave(self.out_features // self.num_groups, dim=0)
+        size = -(-self.out_features // self.num_groups)  # the last 'auto' group is shorter on an uneven width
+        rows = mean_pi.to(self.lora_B.dtype).repeat_interleave(size, dim=0)[: self.out_features]
         b_mix = torch.einsum("oe,eor->or", rows, self.lora_B)
         return (b_mix * self.scale) @ self.lora_A
 

@@ -19,6 +19,10 @@ config dictionaries uniform.
 The rank r is split into E experts of rank r/E; when E does not divide r the ranks differ by at most one
 (larger first). The experts are stored concatenated (``lora_A`` r x d_in, ``lora_B`` d_out x r) with the
 buffer ``expert_of_rank`` naming each rank row's expert, so one matmul serves all experts.
+
+``init='moelora'`` draws every expert's down-projection from N(0, 0.01) (std 0.01), as both official MOELoRA
+copies (the mtLoRA and MTL-LoRA repositories) do; the default stays PEFT's Kaiming-uniform. ``preset:
+released`` = that init, 8 experts and q/k/v/o (the MTL-LoRA script).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class MoELoRAConfig(AdapterConfig):
     """MoE-LoRA: rank-split LoRA experts gated per task (MOELoRA, merges per task) or per token (top-k)."""
 
     method = "moe_lora"
+    init_choices = ("kaiming", "gaussian", "moelora")  # moelora: A ~ N(0, 0.01), as both official copies
+    #: ``preset: released``: the MTL-LoRA repository's MOELoRA script (8 experts, q/k/v/o, its N(0, 0.01) init)
+    presets = {"released": {"init": "moelora", "num_experts": 8,
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
     gating: str = help_field("'task': gate softmax(W_g Emb(task)) per sample (MOELoRA; merges per task); 'token': gate "
                              "softmax(W_g x) per token with top-k (MoLE-style; not mergeable).", default="task")
     num_experts: int = help_field("Number E of experts; the rank r is split among them (r/E each; the released MOELoRA "
@@ -113,7 +121,10 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
         else:
             self.lora_router = nn.Parameter(torch.empty(e, self.in_features, **kw))
         if kw["device"].type != "meta":  # a meta model (parameter counting) has no values to initialize
-            init_down_projection(self.lora_A, config.init, r)
+            if config.init == "moelora":  # the official MOELoRA copies: every expert's A ~ N(0, std 0.01)
+                nn.init.normal_(self.lora_A, mean=0.0, std=0.01)
+            else:
+                init_down_projection(self.lora_A, config.init, r)
             if self.gating == "task":
                 nn.init.normal_(self.lora_task_embedding)  # nn.Embedding's default, as the released code
                 nn.init.kaiming_uniform_(self.lora_gate, a=math.sqrt(5))  # nn.Linear's default

@@ -12,9 +12,10 @@ encoder layers (``attention`` / ``intermediate`` / ``output``) get the delta on 
 
 **Delta.** Shared A (r x d, Kaiming), E expert up-projections B_e (d x r, zero), router W_g (E*G x d,
 bias-free, Kaiming): z = A dropout(u); Pi = softmax over experts of (W_g u) reshaped (..., G, E), per token
-and per group of ``routing_group_size`` contiguous output channels (fine-grained routing, FGR; G = d / group
-size, group size >= d = scalar routing); Delta(u) = (alpha / r) * sum_e Pi_e (expanded over each group) * (B_e
-z).
+and per group of contiguous output channels (fine-grained routing, FGR); Delta(u) = (alpha / r) * sum_e Pi_e
+(expanded over each group) * (B_e z). By default (``routing_group_size='auto'``) G = ``routing_groups`` = 2 at
+any width, the paper's 2048 of 4096 (576 -> 2 x 288, 896 -> 2 x 448, 3584 -> 2 x 1792); ``describe()`` reports
+the resolved groups. An integer is a group size (G = d / size); None is scalar routing.
 
 **Losses.** CV^2 balance loss (weight 0.01): mean over adapters of CV^2 of the mean routing weight per expert
 (mean over batch, non-padding tokens and groups; unbiased variance, / (mean^2 + 1e-10), as the released code
@@ -23,22 +24,26 @@ except that padding is masked). Spectral-aware regularization, ``spectral_mode``
 - ``'released'`` (as the official code): for every expert B (d x r) of every adapter, G = B^T B, sigma =
   svdvals(B) detached, w = exp(-sigma / (mean sigma + 1e-8)), c = ||B||_F / sqrt(r) + 1e-8 detached, term ||(w
   w^T) * (G - c^2 I)||_F^2; mean over the B matrices (a random subset of 64 when there are more, seeded by the
-  global step). Applied only at trigger steps, every ``spectral_every`` (default 500, the BBH runs) optimizer
-  steps: with ``global_step`` = completed optimizer steps, the term is added when ``(global_step + 1) %
-  spectral_every == 0`` -- the released trainer's schedule (its first trigger is after ``spectral_every``
-  steps, not at step 0 where every B is still zero and the term is void).
+  global step). Applied only at trigger steps, relative to the run: the released scripts fire about once per
+  epoch (``spectral_reg_steps`` 500 of ~844 BBH steps, 280 of ~469 MMLU steps), so by default it fires
+  ``spectral_firings`` = 1 time per run, at its middle (the trainer passes the run length through the
+  ``TaskContext``; without one, every 500 steps). ``spectral_every=k`` is the released fixed rule ``(global_step
+  + 1) % k == 0`` (``preset: released`` sets 500). It is added once per optimizer step, to the first
+  micro-batch under gradient accumulation, as the released trainer; the firings are counted
+  (``spectral_firings`` in the metrics' ``counters`` and ``summary.json``'s ``method_counters``).
 - ``'paper'`` (the paper's stated intent): sum_{i != j} sum_k w(s_{i,k}) ||u_{i,k}^T B_j||^2 per adapter, with
   u_{i,k}, s_{i,k} the left singular vectors / values of expert B_i (detached), w(s) = exp(-s / mean s):
   low-SV directions are orthogonalized across experts, dominant shared ones left free. Every step by default.
 - ``'off'``.
 
 ``spectral_weight`` defaults to 1.0 (the BBH runs; MMLU used 0.5; the released trainer's own default is 0.25).
+Presets: ``paper`` = r 16, alpha 64, dropout 0.05 (the rest are the defaults); ``released`` adds
+``spectral_every: 500``.
 
 **Ablations of the paper's Table 2 by config:** HydraLoRA baseline = ``block_type='component',
 target_modules=['q_proj', 'v_proj'], routing_group_size=None, spectral_mode='off'``; + Block =
 ``block_type='ffn', routing_group_size=None, spectral_mode='off'``; + Block + Spectral = the same with
-``spectral_mode='released'``; + Block + FGR = ``routing_group_size=2048, spectral_mode='off'``; all three =
-the defaults.
+``spectral_mode='released'``; + Block + FGR = ``spectral_mode='off'``; all three = the defaults.
 
 No task ids; not mergeable (input routing, and the block path is parallel to a nonlinear block). The export
 (``mtpeft.io.approx``) fits each block's delta onto the block's output linear (``mlp.down_proj`` /
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,7 +66,7 @@ from ..core.distributed import whole_tensor
 from ..core.layers import Observers
 from ..core.lowrank import adapter_dtype
 from ..core.routing import SharedDownRoutedMixin, balance_aux_loss, check_expert_options, routed_layers, routing_groups
-from ..core.spectral import spectral_paper, spectral_released
+from ..core.spectral import UNKNOWN_RUN_PERIOD, run_relative_steps, spectral_due, spectral_paper, spectral_released
 from ..core.targets import find_target_linears, layer_index, set_submodule
 from ..core.wrapping import ModuleWrapper, transformer_layers
 from ..errors import ConfigError, MergeError
@@ -162,10 +167,13 @@ class MtLoRAConfig(AdapterConfig):
                                  "on `target_modules`). Block modes honor `layers_to_transform` and ignore "
                                  "`target_modules`.", default="ffn")
     num_experts: int = help_field("Number E of expert up-projections B_e (paper: 16).", default=16)
-    routing_group_size: int | None = help_field("Fine-grained routing: one softmax over experts per group of this many "
-                                                "output channels (paper: 2048, i.e. G = 2 for d = 4096). None or a "
-                                                "value >= the output dimension is scalar routing; otherwise it must "
-                                                "divide the output dimension.", default=2048)
+    routing_group_size: int | str | None = help_field("Fine-grained routing: one softmax over experts per group of "
+                                                      "output channels. 'auto' (default): `routing_groups` groups at "
+                                                      "any width (the paper's 2048 of 4096 = 2 groups); an integer: "
+                                                      "groups of that many channels (must divide the width); None "
+                                                      "or a value >= the width: scalar routing.", default="auto")
+    routing_groups: int = help_field("With routing_group_size='auto': the number G of routing groups (paper: 2; "
+                                     "a last, shorter group when G does not divide the width).", default=2)
     balance_weight: float = help_field("Weight of the CV^2 balance loss on the mean routing weight per expert (paper: "
                                        "0.01; 0 = off).", default=0.01)
     spectral_mode: str = help_field("Spectral-aware regularization: 'released' (each B_e towards a scaled isometry, "
@@ -174,8 +182,13 @@ class MtLoRAConfig(AdapterConfig):
     spectral_weight: float = help_field("Weight of the spectral term (BBH runs: 1.0; MMLU: 0.5; the released trainer's "
                                         "default: 0.25).", default=1.0)
     spectral_every: int | None = help_field("Apply the spectral term every this many optimizer steps (when "
-                                            "(global_step + 1) % k == 0). None: 500 for 'released' (the BBH runs), 1 "
-                                            "(every step) for 'paper'.", default=None)
+                                            "(global_step + 1) % k == 0; the BBH script: 500). None: 'released' "
+                                            "fires `spectral_firings` times per run, relative to the trainer's run "
+                                            "length (500 when no trainer tells it); 'paper' every step.",
+                                            default=None)
+    spectral_firings: int = help_field("'released' with spectral_every=None: how many times per run the term "
+                                       "fires, evenly inside the run (1 = mid-run, as the released scripts' once "
+                                       "per epoch).", default=1)
     spectral_max_matrices: int = help_field("'released' mode: at most this many B matrices per trigger (a random "
                                             "subset seeded by the step).", default=64)
 
@@ -185,16 +198,38 @@ class MtLoRAConfig(AdapterConfig):
         self.check_choice("spectral_mode", SPECTRAL_MODES)
         check_expert_options(self)
         self.check_positive_int("spectral_every", optional=True)
+        self.check_positive_int("spectral_firings")
         self.check_min("balance_weight", 0)
         self.check_min("spectral_weight", 0)
         self.check_positive_int("spectral_max_matrices")
 
     @property
     def spectral_period(self) -> int:
-        """The effective ``spectral_every``."""
+        """The effective ``spectral_every`` when the run length is unknown."""
         if self.spectral_every is not None:
             return self.spectral_every
-        return 500 if self.spectral_mode == "released" else 1
+        return UNKNOWN_RUN_PERIOD if self.spectral_mode == "released" else 1
+
+    def spectral_fires(self, step: int, total_steps: int | None) -> bool:
+        """Whether the spectral term applies at optimizer step ``step`` of a run of ``total_steps`` (None:
+        unknown)."""
+        every = self.spectral_every if self.spectral_every is not None or self.spectral_mode == "released" else 1
+        return spectral_due(step, every, total_steps, self.spectral_firings)
+
+    def spectral_schedule(self, total_steps: int | None) -> str:
+        """The spectral schedule in words (for ``describe``)."""
+        if self.spectral_mode == "off" or self.spectral_weight == 0:
+            return "off"
+        if self.spectral_every is None and self.spectral_mode == "released" and total_steps:
+            steps = run_relative_steps(total_steps, self.spectral_firings)
+            return f"at steps {steps} of {total_steps}"
+        return f"every {self.spectral_period} steps"
+
+    #: ``preset: paper``: the paper's r, alpha, dropout (G = 2, 16 experts, lambda 1.0, balance 0.01 are defaults)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"r": 16, "alpha": 64, "dropout": 0.05},
+        "released": {"r": 16, "alpha": 64, "dropout": 0.05, "spectral_every": 500},
+    }
 
 
 class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
@@ -221,7 +256,8 @@ class BlockAdapter(SharedDownRoutedMixin, ModuleWrapper):
         self.dim = site.dim
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        groups = routing_groups(site.dim, config.routing_group_size, f" of block {site.wrap_name!r}")
+        groups = routing_groups(site.dim, config.routing_group_size, f" of block {site.wrap_name!r}",
+                                config.routing_groups)
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.init_routed_parameters(site.dim, site.dim, config, groups, kw)
         self.delta_observers = Observers()
@@ -309,11 +345,6 @@ def _layer_of(site: BlockSite) -> int:
     return site.layer_index if index is None else index
 
 
-def spectral_due(step: int, every: int) -> bool:
-    """Whether the spectral term applies at ``step`` (= completed optimizer steps): after every ``every``."""
-    return (int(step) + 1) % every == 0
-
-
 def spectral_loss(model) -> torch.Tensor | None:
     """The configured spectral regularizer over all adapters (ignores the trigger schedule)."""
     cfg: MtLoRAConfig = model.adapter_config
@@ -327,13 +358,17 @@ def spectral_loss(model) -> torch.Tensor | None:
 
 
 def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
-    """Balance loss (every step) and the spectral term (at trigger steps; 0 otherwise)."""
+    """Balance loss (every step) and the spectral term (at trigger steps, on the first micro-batch of the
+    optimizer step only, as the released trainer; 0 otherwise). Firings count as ``spectral_firings``."""
     cfg: MtLoRAConfig = model.adapter_config
+    ctx = model.context
     out = balance_aux_loss(model)
     if cfg.spectral_mode != "off":
         spec = None
-        if cfg.spectral_weight > 0 and spectral_due(model.context.global_step, cfg.spectral_period):
+        if cfg.spectral_weight > 0 and ctx.micro_step == 0 and cfg.spectral_fires(ctx.global_step, ctx.total_steps):
             spec = spectral_loss(model)
+            if spec is not None:
+                ctx.count("spectral_firings")
         if spec is None:
             spec = torch.zeros((), device=model.device)
         out["spectral"] = (spec, float(cfg.spectral_weight))
@@ -344,10 +379,13 @@ def describe(model) -> str:
     """One line about where the adapters are and how they route."""
     cfg: MtLoRAConfig = model.adapter_config
     layers = routed_layers(model)
-    groups = sorted({m.num_groups for m in layers})
+    groups = sorted({(m.num_groups, -(-m.lora_B.shape[1] // m.num_groups)) for m in layers})
+    routing = ", ".join(f"{g} x {size} channels" for g, size in groups)
+    fired = model.context.counters.get("spectral_firings", 0)
     return (f"mtLoRA: block_type={cfg.block_type}, {len(layers)} adapters, {cfg.num_experts} experts, "
-            f"rank {cfg.r}, routing groups {groups}, spectral={cfg.spectral_mode} "
-            f"(weight {cfg.spectral_weight:g}, every {cfg.spectral_period}), "
+            f"rank {cfg.r}, routing groups {routing} (routing_group_size={cfg.routing_group_size!r}), "
+            f"spectral={cfg.spectral_mode} (weight {cfg.spectral_weight:g}, "
+            f"{cfg.spectral_schedule(model.context.total_steps)}, fired {fired}x), "
             f"balance weight {cfg.balance_weight:g}")
 
 

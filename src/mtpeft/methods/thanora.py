@@ -9,16 +9,31 @@ choices below are options, and the defaults are our reading, not the paper's ver
 - ``model.calibrate(batches)`` sets the blocks' ranks per layer from each task's normalized singular-value
   entropy H_t of a statistic of that layer (``complexity='activations'``: the layer's input tokens;
   ``'gradients'``: the task's accumulated gradient of the frozen weight): r_t = round(r H_t / sum_u H_u),
-  r_t >= ``min_rank``, rounding fixed so the ranks sum to r. The allocation lives in a buffer, is saved with the
-  adapter and prints as a per-layer table (``allocation_table``).
+  r_t >= ``min_rank``, rounding fixed so the ranks sum to r. The entropy is normalized by log K, K = min(tokens,
+  d_in), so the tasks must be scored on the same K: every task's tokens are deduplicated (a repeated example
+  counts once), subsampled to at most ``calibration_tokens`` and then all cut to the smallest task's count before
+  the SVD. The allocation is therefore invariant to duplicating one task's calibration data. (The gradient
+  statistic is d_out x d_in for every task, so it has one K already.) The allocation lives in a buffer, is
+  saved with the adapter and prints as a per-layer table (``allocation_table``).
 - ``block_init``: ``'data'`` (default) starts A_t from the top-r_t right singular vectors of task t's
   statistic, orthogonalized across blocks in task order; ``'orthogonal'`` draws all rows from one random
   orthonormal basis; ``'kaiming'`` is LoRA's init. Rows are scaled to Kaiming's expected row norm; B = 0.
 - The subspace-preserving regularizer is the block-orthogonality penalty
   sum_{i<j} ||A_i A_j^T||_F^2 + ||B_i^T B_j||_F^2 per layer (``ortho_normalize`` uses unit rows/columns),
-  averaged over layers, weight ``ortho_weight``.
+  averaged over layers, weight ``ortho_weight``; it keeps the tasks' subspaces apart ("task interference").
+- The within-block anti-collapse term (``collapse_weight``, 0.01; 0 = off): sum over each block of the squared
+  cosines between its distinct A rows, so a block keeps r_t independent directions. On by default because the
+  v2 abstract names "subspace collapse" next to interference as what the "diversity-preserving"
+  regularization prevents, which the inter-task term alone does not address; it is scale-free and starts at
+  0 under ``block_init`` 'data' / 'orthogonal' (orthonormal rows), so it only acts when a block starts to
+  collapse. A reconstruction like the rest.
 - ``train_mode='shared'`` (default): every sample goes through every block; ``'task_masked'``: in training a
-  sample of task t uses only block t (needs task ids in training; inference still uses all blocks).
+  sample of task t uses only block t (needs task ids in training). Inference still uses all blocks, on
+  purpose: the verified claims are "no additional structure", "CAN MERGE" and zero inference overhead, which
+  a task-restricted inference (task ids, one merge per task) would break. So ``task_masked`` is a
+  train/inference mismatch by design: a task-t input also gets the other tasks' blocks at inference, which
+  it never trained with; the inter-task orthogonality term is what keeps those contributions small. Prefer
+  ``shared`` unless you measure otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from torch import nn
 
 from ..config import AdapterConfig, help_field
 from ..core import distributed
+from ..core.calibration import collect_activations, collect_gradients, distinct_token_subsample
 from ..core.context import TaskContext, per_sample
 from ..core.distributed import whole_tensor
 from ..core.layers import LinearAdapter
@@ -59,9 +75,13 @@ class ThanoRAConfig(AdapterConfig):
                                        "directions count.", default=False)
     train_mode: str = help_field("'shared': all samples use all blocks; 'task_masked': a sample trains only its task's "
                                  "block.", default="shared")
+    collapse_weight: float = help_field("Weight of the within-block anti-collapse term: sum over each task block of "
+                                        "the squared cosines between its distinct A rows (0 = off).", default=0.01)
     min_rank: int = help_field("Smallest rank a task's block may get.", default=1)
-    calibration_tokens: int = help_field("Tokens per task and layer kept for the activation statistic (a random subset "
-                                         "beyond that).", default=512)
+    calibration_tokens: int = help_field("Tokens per task and layer kept for the activation statistic: distinct "
+                                         "tokens, a random subset beyond this, then every task cut to the same "
+                                         "count.",
+                                         default=512)
 
     def validate(self) -> None:
         super().validate()
@@ -69,6 +89,7 @@ class ThanoRAConfig(AdapterConfig):
         self.check_choice("block_init", ("data", "orthogonal", "kaiming"))
         self.check_choice("train_mode", ("shared", "task_masked"))
         self.check_min("min_rank", 1)
+        self.check_min("collapse_weight", 0)
         if self.tasks and self.r < self.min_rank * len(self.tasks):
             raise ConfigError(f"ThanoRAConfig.r={self.r} is too small for {len(self.tasks)} tasks with "
                               f"min_rank={self.min_rank}: r must be >= {self.min_rank * len(self.tasks)}")
@@ -218,110 +239,22 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
                                   torch.stack([whole_tensor(la.lora_B) for la in group]),
                                   torch.stack([la.block_ids() for la in group]), cfg.ortho_normalize)
               for group in groups.values()]
-    return {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}
-
-
-def _task_batches(batches: list[tuple[int, dict[str, Any]]], task: int, device: torch.device,
-                  keys: tuple[str, ...]):
-    """For each ``(index, batch)`` with rows of ``task``: (index, sub-batch on ``device`` restricted to ``keys``,
-    task ids)."""
-    for index, batch in batches:
-        rows = batch["task_ids"].reshape(-1).cpu() == task
-        if not rows.any():
-            continue
-        missing = [k for k in keys if k not in batch]
-        if missing:
-            raise ValueError(f"ThanoRA calibration batches need {missing} (complexity='gradients' needs labels)")
-        yield index, {k: batch[k][rows.to(batch[k].device)].to(device) for k in keys}, batch["task_ids"][rows]
-
-
-def _in_batch_order(chunks: dict[int, torch.Tensor], width: int, device: torch.device) -> torch.Tensor | None:
-    """Every process's activation chunks, keyed by global batch index, concatenated in batch order (what one
-    process holding all the batches would have); the local chunks in a single process."""
-    if not distributed.is_distributed():
-        return torch.cat([chunks[i] for i in sorted(chunks)], 0) if chunks else None
-    order = sorted(chunks)
-    local = torch.cat([chunks[i] for i in order], 0) if order else torch.zeros(0, width)
-    meta = torch.tensor([[i, chunks[i].shape[0]] for i in order], dtype=torch.long).reshape(-1, 2)
-    rows = distributed.gather_rows(local.to(device)).cpu()
-    index = distributed.gather_rows(meta.to(device)).cpu()
-    pieces, start = {}, 0
-    for i, n in index.tolist():
-        pieces[i] = rows[start:start + n]
-        start += n
-    return torch.cat([pieces[i] for i in sorted(pieces)], 0) if pieces else None
-
-
-@torch.no_grad()
-def _collect_activations(model, layers: dict[str, ThanoRALinear], batches: list[tuple[int, dict]], task: int,
-                         max_tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    store: dict[str, dict[int, torch.Tensor]] = {n: {} for n in layers}
-    current: dict[str, Any] = {"mask": None, "index": -1}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(module, args):
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1])
-            m = current["mask"]
-            if m is not None and x.dim() == 3 and m.shape == x.shape[:2]:
-                flat = flat[m.reshape(-1).bool()]
-            store[name][current["index"]] = flat.detach().float().cpu()
-        return hook
-
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_pre_hook(make_hook(name)))
-    try:
-        for index, inputs, task_ids in _task_batches(batches, task, model.device, ("input_ids", "attention_mask")):
-            current["mask"], current["index"] = inputs["attention_mask"], index
-            model(**inputs, task_ids=task_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for name, chunks in store.items():
-        x = _in_batch_order(chunks, layers[name].in_features, model.device)
-        if x is None:
-            continue
-        if x.shape[0] > max_tokens:
-            x = x[torch.randperm(x.shape[0], generator=generator)[:max_tokens]]
-        out[name] = x
+    out = {"orthogonality": (torch.cat(values).mean(), float(cfg.ortho_weight))}
+    if cfg.collapse_weight > 0:
+        out["collapse"] = (torch.cat([block_collapse(torch.stack([whole_tensor(la.lora_A) for la in group]),
+                                                     torch.stack([la.block_ids() for la in group]))
+                                      for group in groups.values()]).mean(), float(cfg.collapse_weight))
     return out
 
 
-def _collect_gradients(model, layers: dict[str, ThanoRALinear], batches: list[tuple[int, dict]],
-                       task: int) -> dict[str, torch.Tensor]:
-    grads: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            x = args[0].detach()
-
-            def on_grad(g):
-                contribution = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                grads[name] = grads[name] + contribution if name in grads else contribution
-            if output.requires_grad:
-                output.register_hook(on_grad)
-        return hook
-
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_hook(make_hook(name)))
-    try:
-        keys = ("input_ids", "attention_mask", "labels")
-        for _, inputs, _ in _task_batches(batches, task, model.device, keys):
-            with torch.enable_grad():
-                out = model.base_model(**inputs)
-                out.loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-    if distributed.is_distributed():  # each process saw some of the batches: sum their gradients
-        grads = {name: distributed.all_reduce_sum(
-            grads.get(name, torch.zeros(layer.out_features, layer.in_features, device=model.device)))
-            for name, layer in layers.items()}
-    return grads
+def block_collapse(a: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Within-block anti-collapse for a stack of layers: sum over task blocks of the squared cosines between
+    distinct rows of A_t, a (L, r, d_in), owner (L, r) -> (L,); 0 while each block's rows stay orthogonal."""
+    unit = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    eye = torch.eye(a.shape[1], dtype=torch.bool, device=a.device)
+    same = (owner[:, :, None] == owner[:, None, :]) & ~eye
+    cos = unit @ unit.transpose(1, 2)
+    return 0.5 * (cos**2 * same.to(a.dtype)).sum((1, 2))
 
 
 def calibrate(model, batches: Iterable[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
@@ -337,7 +270,6 @@ def calibrate(model, batches: Iterable[dict[str, Any]], *, seed: int = 0) -> dic
         raise ValueError("ThanoRA calibration needs at least one batch")
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
     entropies: dict[str, list[float]] = {n: [0.0] * len(cfg.tasks) for n in layers}
     directions: dict[str, list[torch.Tensor | None]] = {n: [None] * len(cfg.tasks) for n in layers}
     seen = set()
@@ -349,11 +281,22 @@ def calibrate(model, batches: Iterable[dict[str, Any]], *, seed: int = 0) -> dic
     max_rank = cfg.r
     # Under data parallelism each process runs whole batches, round robin, and the statistics are gathered.
     mine = distributed.split_round_robin(list(enumerate(batches)), distributed.rank(), distributed.world_size())
+    names = list(layers)
+    per_task = []
     for t in range(len(cfg.tasks)):
         if cfg.complexity == "activations":
-            stats = _collect_activations(model, layers, mine, t, cfg.calibration_tokens, generator)
+            tokens = collect_activations(model, layers, mine, t)
+            per_task.append({n: distinct_token_subsample(x, cfg.calibration_tokens, seed * 1_000_003 + 7919 * t
+                                                         + names.index(n)) for n, x in tokens.items()})
         else:
-            stats = _collect_gradients(model, layers, mine, t)
+            per_task.append(collect_gradients(model, layers, mine, t))
+    if cfg.complexity == "activations":  # every task scored on the same scale: the same token count per layer
+        for name in names:
+            count = min((stats[name].shape[0] for stats in per_task if name in stats), default=0)
+            for stats in per_task:
+                if name in stats:
+                    stats[name] = stats[name][:count]
+    for t, stats in enumerate(per_task):
         for name, m in stats.items():
             _, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
             entropies[name][t] = normalized_sv_entropy(s)

@@ -21,10 +21,7 @@ DEMO_LAYERS = 30  # SmolLM2-135M depth
 
 
 def _top_third_of_layers(method: str) -> dict[str, Any]:
-    """Adapters in the top third of the layers only: on CPU, backward then stops early and each step is cheaper.
-    TA-LoRA names its prompted layers itself (1-based)."""
-    if method == "ta_lora":
-        return {"prompt_layers": list(range(DEMO_LAYERS - 9, DEMO_LAYERS + 1))}
+    """Adapters in the top third of the layers only: on CPU, backward then stops early and each step is cheaper."""
     return {"layers_to_transform": list(range(DEMO_LAYERS - 10, DEMO_LAYERS))}
 
 
@@ -63,7 +60,7 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     print(trainer.model.describe().splitlines()[0])
     result = trainer.train(resume=resume)
     if result.eval_before is not None and result.eval is not None:
-        print("\nPer-task exact match / accuracy, before and after training:")
+        print("\nPer-task exact match / accuracy, before and after training (answers end at a newline, as lm-eval's):")
         print(compare_table(result.eval_before, result.eval))
     elif result.eval is not None:
         print(result.eval.format_table())
@@ -82,7 +79,8 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     print(f"  adapter (mtpeft):   {out / 'adapter'}")
     for target in written:
         print(f"  PEFT LoRA export:   {target}")
-    print(f"  metrics log:        {out / 'metrics.jsonl'}\n  evaluation:         {out / 'eval'}")
+    print(f"  metrics log:        {out / 'metrics.jsonl'}\n  evaluation:         {out / 'eval'} (before training: "
+          f"{out / 'eval' / 'before.md'})")
     first_spec, first_data = trainer.tasks[0]
     first, sample = first_spec.name, (first_data.eval or first_data.train)[0].prompt
     print("\nNext:")

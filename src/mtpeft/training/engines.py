@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.distributed import whole_tensor
 from ..errors import EngineError, TrainingError
+from .tracking import accelerator_kwargs
 
 # Optimizer state tensors that DeepSpeed keeps per parameter for AdamW (torch's and DeepSpeed's own).
 _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -54,6 +55,10 @@ def engine_of(accelerator: Any) -> Engine:
     if name == "FSDP" and not accelerator.is_fsdp2:
         raise EngineError("FSDP1 is not supported: mtpeft reads adapter parameters by name, which FSDP1 flattens. "
                           "Set fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp.yaml)")
+    if name == "FSDP" and getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+        # accelerate then rebuilds the model from state_dict(), which for an MTModel holds only the adapter
+        raise EngineError("fsdp_cpu_ram_efficient_loading: true is not supported: the frozen base would be lost. "
+                          "Set it to false in the accelerate config (examples/accelerate/fsdp.yaml)")
     if name == "DEEPSPEED":
         return Engine(name, int(accelerator.state.deepspeed_plugin.zero_stage))
     if name not in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
@@ -73,7 +78,7 @@ def accelerator_for(cfg: Any) -> tuple[Any, Engine]:
     # Task-indexed weights of tasks missing from one process's shard get no gradient there.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=cpu,
-                              kwargs_handlers=[ddp])
+                              kwargs_handlers=[ddp], **accelerator_kwargs(cfg))  # train.report_to
     try:
         engine = engine_of(accelerator)
     except EngineError as exc:

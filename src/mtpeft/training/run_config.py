@@ -8,6 +8,7 @@ overrides are parsed as YAML scalars and applied before validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -20,6 +21,7 @@ import yaml
 from ..errors import ConfigError, RunConfigError
 from ..registry import config_from_dict
 from ..validation import as_float_where_expected, field_types, fits
+from .tracking import TRACKERS
 
 
 def _h(text: str, **kwargs: Any) -> Any:
@@ -53,8 +55,10 @@ class DataSection:
     root: str | None = _h("Folder relative sources and presets resolve against (default: $MTPEFT_DATA_ROOT; "
                           "without either, the working directory).", default=None)
     max_length: int = _h("Longest sequence in tokens (prompt + target + EOS).", default=256)
-    truncation: str = _h("Over-long examples: 'left' drops prompt tokens from the start, 'right' from the end "
-                         "of the prompt, 'error' stops.", default="left")
+    truncation: str = _h("Over-long training examples, found for every example before training starts (the "
+                         "counts go to summary.json): 'left' drops prompt tokens from the start, 'right' from the "
+                         "end of the prompt, 'skip' leaves the example out, 'error' (default) stops naming file and "
+                         "line.", default="error")
     mixing: str = _h("Task sampling: 'proportional' (to dataset size), 'temperature', 'uniform'.",
                      default="proportional")
     temperature: float = _h("Mixing temperature T: p_t ~ n_t^(1/T).", default=2.0)
@@ -62,13 +66,22 @@ class DataSection:
                                    "k * number of tasks).", default=None)
     max_train_per_task: int | None = _h("Cap on training examples per task.", default=None)
     max_eval_per_task: int | None = _h("Cap on evaluation examples per task.", default=None)
+    chat_template: str = _h("Prompts through a chat template, alike in training, eval, predict and bench: 'auto' "
+                            "(the tokenizer's own, for instruct models; none without one), 'none', or a Jinja "
+                            "chat template.", default="none")
 
     def check(self, prefix: str) -> None:
-        _one_of(f"{prefix}.truncation", self.truncation, ["left", "right", "error"])
+        _one_of(f"{prefix}.truncation", self.truncation, ["left", "right", "skip", "error"])
         _one_of(f"{prefix}.mixing", self.mixing, ["proportional", "temperature", "uniform"])
         _positive(f"{prefix}.max_length", self.max_length)
+        if self.max_length < 2:  # one token could hold no prompt and no target beside EOS
+            raise RunConfigError(f"{prefix}.max_length must be >= 2, got {self.max_length}")
+        _finite_above(f"{prefix}.temperature", self.temperature, 0.0)
         if self.task_balanced is not None:
             _positive(f"{prefix}.task_balanced", self.task_balanced)
+        for key in ("max_train_per_task", "max_eval_per_task"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise RunConfigError(f"{prefix}.{key} must be >= 0 or null, got {getattr(self, key)}")
 
 
 @dataclass
@@ -82,30 +95,45 @@ class TrainSection:
     weight_decay: float = _h("AdamW weight decay.", default=0.0)
     warmup_ratio: float = _h("Fraction of steps of linear warmup.", default=0.03)
     schedule: str = _h("Learning-rate schedule after warmup: cosine, linear, constant.", default="cosine")
-    max_grad_norm: float | None = _h("Gradient clipping norm (null: off).", default=1.0)
+    max_grad_norm: float | None = _h("Gradient clipping norm, > 0 (null or 0: no clipping).", default=1.0)
     precision: str = _h("fp32 or bf16 (autocast through accelerate).", default="fp32")
     seed: int = _h("Seed for initialization, sampling and dropout.", default=0)
     log_every: int = _h("Steps between metric-log lines.", default=10)
     eval_every: int = _h("Steps between evaluations (0: only at the end).", default=0)
     save_every: int = _h("Steps between checkpoints (0: only at the end).", default=50)
-    keep_checkpoints: int = _h("How many recent checkpoints to keep.", default=2)
+    keep_checkpoints: int = _h("How many recent checkpoints to keep (at least 1: resume needs one).", default=2)
     nan_policy: str = _h("On a NaN/inf loss: 'error' stops (last good checkpoint kept), 'skip' drops the batch.",
                          default="error")
     calibration_batches: int = _h("Batches per task for methods with a calibration step (ThanoRA).", default=2)
-    device: str | None = _h("Device (default: cuda if available, else cpu).", default=None)
+    device: str | None = _h("Device: 'cpu', 'cuda', 'mps', or 'auto'/null (cuda if available, else cpu); under "
+                            "accelerate launch each process takes its own GPU.", default=None)
     loss_chunk_size: int = _h("Causal LMs: compute the loss from labelled positions only, this many tokens of "
                               "logits at a time (0: the model's own full-logits loss).", default=1024)
+    report_to: str | list[str] = _h("Experiment trackers, through accelerate: tensorboard, wandb, mlflow, comet_ml, "
+                                    "aim, clearml, dvclive, swanlab, trackio, or 'all' (every installed one); local "
+                                    "ones write to <output_dir>/tracking. [] or 'none': off.", default_factory=list)
 
     def check(self, prefix: str) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "calibration_batches"):
+        for key in ("steps", "batch_size", "grad_accum", "calibration_batches", "keep_checkpoints"):
             _positive(f"{prefix}.{key}", getattr(self, key))
-        if not self.lr > 0:
-            raise RunConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
+        _finite_above(f"{prefix}.lr", self.lr, 0.0)
+        _finite_above(f"{prefix}.weight_decay", self.weight_decay, 0.0, inclusive=True)
+        if self.max_grad_norm is not None:  # a negative norm would scale the gradient the wrong way
+            _finite_above(f"{prefix}.max_grad_norm", self.max_grad_norm, 0.0, inclusive=True)
         if not 0 <= self.warmup_ratio < 1:
             raise RunConfigError(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise RunConfigError(f"{prefix}.seed must be in [0, 2**32), got {self.seed}")
+        if self.device is not None:
+            _one_of(f"{prefix}.device", self.device, list(DEVICES))
+            self.device = None if self.device == "auto" else self.device  # what the engine reads as its default
         _one_of(f"{prefix}.schedule", self.schedule, ["cosine", "linear", "constant"])
         _one_of(f"{prefix}.precision", self.precision, ["fp32", "bf16"])
         _one_of(f"{prefix}.nan_policy", self.nan_policy, ["error", "skip"])
+        self.report_to = [] if self.report_to == "none" else [self.report_to] if isinstance(self.report_to, str) \
+            else list(self.report_to)
+        for name in self.report_to:
+            _one_of(f"{prefix}.report_to", name, list(TRACKERS))
         for key in ("log_every", "eval_every", "save_every", "loss_chunk_size"):
             if getattr(self, key) < 0:
                 raise RunConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
@@ -145,12 +173,21 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+#: Allowed ``train.device`` values besides null: the trainer runs on the CPU or on accelerate's own device.
+DEVICES = ("cpu", "cuda", "mps", "auto")
+
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
 
 
 def _one_of(key: str, value: Any, allowed: list[str]) -> None:
     if value not in allowed:
         raise RunConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def _finite_above(key: str, value: float, bound: float, *, inclusive: bool = False) -> None:
+    """``value`` is a finite number > ``bound`` (>= with ``inclusive``); NaN and inf never are."""
+    if not (math.isfinite(value) and (value >= bound if inclusive else value > bound)):
+        raise RunConfigError(f"{key} must be a finite number {'>=' if inclusive else '>'} {bound:g}, got {value!r}")
 
 
 def _positive(key: str, value: Any) -> None:
@@ -288,3 +325,13 @@ def method_config_for(cfg: RunConfig, task_names: list[str]) -> Any:
         return config_from_dict({**cfg.method, "tasks": task_names})
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"method: {exc}") from exc
+
+
+def flat_keys(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested run-config mapping as ``{"train.lr": 0.0002, ...}`` (dotted keys, as ``--set`` names them)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat_keys(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}

@@ -1,12 +1,10 @@
 """The training recipe on accelerate: mixed-task batches, checkpoints written atomically, exact resume.
 
 :class:`MultiTaskTrainer` runs a run config in named phases, as a torchtune recipe does: ``setup``, ``train_loop``
-(one ``train_step`` per optimizer step), ``save_checkpoint`` and ``finish``; :func:`train` runs them all. The
-components live beside it: checkpoint files (:mod:`.checkpoint`), engines (:mod:`.engines`), the non-finite and
-Ctrl-C guards (:mod:`.guards`).
-
-The trainer never knows a method by name: it sees ``out.loss``, ``out.aux_losses``, ``model.param_groups``,
-``model.needs_calibration`` and ``model.set_global_step``.
+(one ``train_step`` per optimizer step), ``save_checkpoint`` and ``finish``; :func:`train` runs them all. Beside it:
+checkpoint files (:mod:`.checkpoint`), engines (:mod:`.engines`), the non-finite and Ctrl-C guards (:mod:`.guards`),
+experiment trackers (:mod:`.tracking`). The trainer never knows a method by name: it sees ``out.loss``,
+``out.aux_losses``, ``model.param_groups``, ``model.needs_calibration`` and ``model.set_global_step``.
 """
 
 from __future__ import annotations
@@ -24,29 +22,29 @@ import numpy as np
 import torch
 
 from ..core import distributed
-from ..data.collator import MultiTaskCollator
+from ..data.collator import MultiTaskCollator, use_chat_template
+from ..data.lengths import screen_lengths
 from ..data.mixing import MixtureSampler, batch_examples, leading_batches
 from ..data.resolve import resolve_task_specs
 from ..data.tasks import Example, TaskData, TaskSpec, load_tasks
 from ..errors import TrainingError, TrainingInterrupted
 from ..model import MTModel, get_mt_model
-from . import engines
+from . import engines, plots, task_losses, tracking
 from .checkpoint import (
     RandomState,
     SavedCheckpoint,
-    checkpoint_dirs,
     checkpoint_path,
     json_default,
     last_checkpoint_text,
     load_checkpoint,
     random_state,
     restore_random_state,
-    rewind_metrics_log,
     save_checkpoint,
 )
 from .guards import MAX_CONSECUTIVE_SKIPS, NonFiniteGuard, sigint_deferred
 from .optim import build_optimizer, build_scheduler
 from .run_config import RunConfig, method_config_for
+from .run_folder import open_run_folder, release_run_lock
 
 __all__ = ["MAX_CONSECUTIVE_SKIPS", "STEP_DELAY_ENV", "LoopState", "MultiTaskTrainer", "TrainResult", "TrainingError",
            "TrainingInterrupted", "train"]
@@ -89,7 +87,7 @@ class MultiTaskTrainer:
     """
 
     def __init__(self, cfg: RunConfig, *, model: MTModel | None = None, tokenizer: Any = None,
-                 tasks: list[tuple[TaskSpec, TaskData]] | None = None, progress: bool = True,
+                 tasks: list[tuple[TaskSpec, TaskData]] | None = None, progress: bool | str = True,
                  base_model: Any = None) -> None:
         from ..base_models import load_run_base_model, load_tokenizer
 
@@ -97,12 +95,13 @@ class MultiTaskTrainer:
         self.progress = progress
         self.output_dir = Path(cfg.output_dir)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        use_chat_template(self.tokenizer, cfg.data.chat_template)
         if tasks is None:
             tasks = [(data.spec, data) for data in load_tasks(resolve_task_specs(cfg), cfg.data.root)]
             empty = [spec.name for spec, data in tasks if not data.train]
             if empty:
                 raise ValueError(f"task {empty[0]!r} has no training examples")
-        self.tasks = tasks
+        self.tasks, self.lengths = screen_lengths(tasks, self.tokenizer, cfg.data.max_length, cfg.data.truncation)
         self.task_names = [spec.name for spec, _ in self.tasks]
         method_cfg = method_config_for(cfg, self.task_names)  # fail before the model is loaded
         torch.manual_seed(cfg.train.seed)
@@ -146,32 +145,33 @@ class MultiTaskTrainer:
         return self.evaluate(self.device, progress=self.progress and self.main, shard=not self.engine.sharded)
 
     # --- phases ---------------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> TrainResult:
-        """Run every phase; with ``resume`` continue from the latest complete checkpoint in the output folder."""
-        self.setup(resume)
-        self.train_loop()
-        return self.finish()
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Run every phase; ``resume``/``overwrite`` continue or restart a run folder (see :mod:`.run_folder`)."""
+        try:
+            self.setup(resume, overwrite)
+            self.train_loop()
+            return self.finish()
+        finally:
+            release_run_lock(self.output_dir)
 
-    def setup(self, resume: bool = False) -> None:
+    def setup(self, resume: bool = False, overwrite: bool = False) -> None:
         """Accelerate and its engine, the output folder and run_config.yaml, evaluation before training,
         calibration, optimizer and scheduler; with ``resume`` the state of the latest complete checkpoint."""
         cfg = self.cfg
         accelerator, self.engine = engines.accelerator_for(cfg)
         self.accelerator, self.device, self.main = accelerator, accelerator.device, accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        if self.main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.output_dir / "run_config.yaml")
+        self.run_folder = open_run_folder(cfg, resume=resume, overwrite=overwrite, main=self.main)  # checks first
+        self.tracker = tracking.RunTracker(accelerator, cfg)  # train.report_to (off by default)
         model = self.model.to(self.device)
-        checkpoints = checkpoint_dirs(self.output_dir) if resume else []
-        if not resume and checkpoint_dirs(self.output_dir):
-            raise TrainingError(f"{self.output_dir} already has checkpoints: pass --resume to continue that run, "
-                                f"or choose another output_dir")
+        checkpoints = self.run_folder.checkpoints
         accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         self.result = TrainResult(self.output_dir, 0, None)
         if cfg.eval.before_training and not checkpoints:
             model.eval()  # not sharded yet under any engine: each process evaluates its share of the examples
             self.result.eval_before = self.evaluate(self.device, progress=self.progress and self.main, shard=True)
+            if self.main and self.result.eval_before is not None:  # kept in the run folder, not only printed
+                self.result.eval_before.save(self.output_dir / "eval", name="before")
         if model.needs_calibration and not checkpoints:
             chunks = leading_batches(self._train_examples, cfg.train.batch_size, cfg.train.calibration_batches)
             model.calibrate([{k: v.to(self.device) for k, v in self.collator(c).items()} for c in chunks])
@@ -190,9 +190,10 @@ class MultiTaskTrainer:
             engines.load_optimizer_state(self.optimizer, self._optimized, saved.optimizer, self.engine)
         self.deepspeed_engine = accelerator.deepspeed_engine_wrapped.engine if self.engine.deepspeed else None
         if self.main:
-            rewind_metrics_log(self.log_path, start_step if checkpoints else None)
+            self.run_folder.start_log(self.log_path, start_step if checkpoints else None)
         self.guard = NonFiniteGuard(cfg.train.nan_policy, self.output_dir, self._log_main)
         self.loop = LoopState(start_step, (self.sampler.state_dict(), random_state()))
+        model.context.total_steps = cfg.train.steps  # for regularizers scheduled relative to the run
 
     def _restore(self, path: Path) -> SavedCheckpoint:
         """Adapter, scheduler, data position and RNG of checkpoint ``path``; the optimizer state it returns is
@@ -211,7 +212,7 @@ class MultiTaskTrainer:
         from tqdm.auto import tqdm
 
         cfg, loop = self.cfg, self.loop
-        bar = tqdm(total=cfg.train.steps, initial=loop.step, disable=not (self.progress and self.main),
+        bar = tqdm(total=cfg.train.steps, initial=loop.step, disable=not (self.progress is True and self.main),
                    desc="train", dynamic_ncols=True)
         try:
             while loop.step < cfg.train.steps:
@@ -249,7 +250,7 @@ class MultiTaskTrainer:
             self.prepared.eval()
             res = self._evaluate_all()
             if res is not None:
-                self._log_main({"step": step, "eval_macro": res.macro, "eval_micro": res.micro})
+                self._log_main(plots.eval_record(step, res))
             self.accelerator.wait_for_everyone()
         if os.environ.get(STEP_DELAY_ENV):
             time.sleep(float(os.environ[STEP_DELAY_ENV]))
@@ -262,7 +263,7 @@ class MultiTaskTrainer:
         loop.resume_point = (self.sampler.state_dict(), random_state())
         self.prepared.train()
         model.set_global_step(loop.step)
-        losses, aux_sums, tasks_seen, bad = [], {}, [], None
+        losses, aux_sums, tasks_seen, bad, per_task = [], {}, [], None, task_losses.for_step(self)
         for micro in range(accum):
             batch_idx = self.sampler.next_batch()  # the global batch: the same on every process
             mine = batch_examples(distributed.shard_batch(batch_idx, self.rank, self.world), self._train_examples)
@@ -277,10 +278,11 @@ class MultiTaskTrainer:
                 extra["num_items_in_batch"] = accelerator.reduce(labelled, "sum") / self.world
             # gradients are all-reduced once per step, after the last micro-batch (a no-op in one process)
             sync = accelerator.no_sync(self.prepared) if micro < accum - 1 else contextlib.nullcontext()
+            model.context.micro_step = micro  # terms meant once per optimizer step go on micro-batch 0 only
             with sync:
                 if ds_engine is not None:
                     ds_engine.set_gradient_accumulation_boundary(micro == accum - 1)
-                loss = self.prepared(**batch, **extra).loss
+                loss = per_task.add(self.prepared(**batch, **extra), batch).loss  # per-task loss on logged steps
                 # one collective for the logged loss and the token count; every process then makes the same
                 # decision about a non-finite loss
                 shared = distributed.all_reduce_mean_detached(torch.stack(
@@ -317,9 +319,10 @@ class MultiTaskTrainer:
             loop.resume_point = (self.sampler.state_dict(), random_state())  # what a Ctrl-C now saves
         loop.last_loss = float(np.mean(losses))
         elapsed = max(time.perf_counter() - loop.started, 1e-9)
-        return {"step": loop.step, "loss": loop.last_loss, "lr": self.scheduler.get_last_lr()[0],
+        return {"step": loop.step, "loss": loop.last_loss, "lr": self.scheduler.get_last_lr()[0], **per_task.record(),
                 **{f"aux/{k}": v for k, v in aux_sums.items()}, "tokens_per_s": loop.tokens / elapsed,
-                "tasks": sorted(set(tasks_seen))}
+                "tasks": sorted(set(tasks_seen)), **({"counters": dict(model.context.counters)}
+                                                     if model.context.counters else {})}
 
     def save_checkpoint(self, resume_point: tuple[dict[str, Any], RandomState] | None = None,
                         barrier: bool = True) -> Path:
@@ -363,18 +366,22 @@ class MultiTaskTrainer:
         result.eval = final_eval
         if result.eval is not None:
             result.eval.save(self.output_dir / "eval")
+        self.tracker.finish(step, final_eval)
         scores = {name: None if res is None else {"macro": res.macro, "micro": res.micro}
                   for name, res in (("eval", result.eval), ("eval_before", result.eval_before))}
         summary = {"steps": step, "final_loss": self.loop.last_loss, "skipped_batches": result.skipped_batches,
                    "processes": self.world, "engine": self.engine.describe(),
-                   "trainable_parameters": self.model.num_trainable_parameters(), **scores}
+                   "trainable_parameters": self.model.num_trainable_parameters(), **scores, "lengths": self.lengths,
+                   "method_counters": dict(self.model.context.counters)}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plots.write_run_plots(self.output_dir, result.eval, result.eval_before, step, self.cfg.name)
         return result
 
     # --- metrics log ----------------------------------------------------------------------------------
     def _log_main(self, record: dict[str, Any]) -> None:
         if self.main:
             self._log(self.log_path, record)
+            self.tracker.log(record)
 
     @staticmethod
     def _log(path: Path, record: dict[str, Any]) -> None:
@@ -387,6 +394,7 @@ class MultiTaskTrainer:
                                 f"with --resume") from exc
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, **kwargs: Any) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          **kwargs: Any) -> TrainResult:
     """Train a run config end to end (load, calibrate, train, checkpoint, save, evaluate)."""
-    return MultiTaskTrainer(cfg, progress=progress, **kwargs).train(resume=resume)
+    return MultiTaskTrainer(cfg, progress=progress, **kwargs).train(resume=resume, overwrite=overwrite)
