@@ -55,7 +55,8 @@ def engine_of(accelerator: Any) -> Engine:
     if name == "FSDP" and not accelerator.is_fsdp2:
         raise EngineError("FSDP1 is not supported: mtpeft reads adapter parameters by name, which FSDP1 flattens. "
                           "Set fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp.yaml)")
-    if name == "FSDP" and getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+    fsdp_plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if name == "FSDP" and getattr(fsdp_plugin, "cpu_ram_efficient_loading", False):
         # accelerate then rebuilds the model from state_dict(), which for an MTModel holds only the adapter
         raise EngineError("fsdp_cpu_ram_efficient_loading: true is not supported: the frozen base would be lost. "
                           "Set it to false in the accelerate config (examples/accelerate/fsdp.yaml)")
