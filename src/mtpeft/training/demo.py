@@ -87,6 +87,7 @@ def run_demo(method: str = "mtl_lora", steps: int | None = None, output_dir: str
     print(f"  mtpeft eval {out}")
     print(f"  mtpeft predict {out} --task {first} {json.dumps(sample)}")
     if model.merge_kind != "none":  # routed and prompt-based methods have no merged form
-        print(f"  mtpeft export {out} --task {first} --format merged --out {out / 'merged'}")
-    print("  mtpeft train examples/bbh27_thanora.yaml   # your own tasks: see examples/ and README.md")
+        print(f"  mtpeft export {out} --task {first} --format merged --out {out.with_name(out.name + '-merged')}")
+    print("  mtpeft train examples/bbh27_thanora.yaml   # your own tasks: see examples/ and README.md "
+          "(MTPEFT_DATA_ROOT: the example data)")
     return result
