@@ -110,9 +110,10 @@ def test_score_vs_params_labels_never_overlap(tmp_path: Path) -> None:
     """lora and align_lora at the same point (same parameters, same score) get separate labels."""
     from matplotlib.text import Text
 
-    from mtpeft.bench.plots import _plt, place_labels
+    from mtpeft.bench.plots import place_labels
+    from mtpeft.plotting import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     points = [(7424, 25.0, "lora", "C0"), (7424, 25.0, "align_lora", "C1"), (7500, 25.1, "thanora", "C2"),
               (20096, 20.8, "hydralora", "C3"), (22272, 20.8, "single_task_lora", "C4")]

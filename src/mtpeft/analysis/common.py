@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..plotting import pyplot
 from ..tables import markdown_table
 
 BatchesByTask = dict[str, list[dict[str, torch.Tensor]]]
@@ -92,16 +93,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def placeholder_plot(path: Path, title: str, text: str) -> None:

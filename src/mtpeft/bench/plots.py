@@ -11,20 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot
 from .options import method_order
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
@@ -50,7 +42,7 @@ def human_count(x: float) -> str:
 def plot_per_task(setting_name: str, setting: dict[str, Any], path: Path) -> Path:
     """Grouped bar chart: tasks (and the macro average) on x, one bar per method; error bars (std over seeds)
     only where a method ran several seeds; the value on top of each bar."""
-    plt = _plt()
+    plt = pyplot()
     methods = list(setting["methods"])
     labels = [*setting["tasks"], "macro"] + [f"{t}*" for t in setting["unseen_tasks"]]
     colors = _colors(methods)
@@ -136,7 +128,7 @@ def plot_score_vs_params(agg: dict[str, Any], path: Path) -> Path:
     """Macro score against trainable parameters (log x), one point per method and setting, each labelled
     beside it (labels never overlap); error bars only where a method ran several seeds. Methods without
     trainable parameters (the untrained model) sit at the left edge, at the tick "0"."""
-    plt = _plt()
+    plt = pyplot()
     methods = method_order({m for s in agg.values() for m in s["methods"]})
     colors = _colors(methods)
     markers = "os^Dvx+P*"
@@ -183,7 +175,7 @@ def plot_score_vs_params(agg: dict[str, Any], path: Path) -> Path:
 def plot_scaling(agg: dict[str, Any], path: Path, core_tasks: Sequence[str] = ()) -> Path:
     """Macro score vs number of tasks per method (and, with core tasks, the macro over the tasks every setting
     shares)."""
-    plt = _plt()
+    plt = pyplot()
     names = sorted(agg, key=lambda s: agg[s]["num_tasks"])
     methods = method_order({m for s in names for m in agg[s]["methods"]})
     colors = _colors(methods)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot
 from .task_losses import TASK_LOSS_PREFIX
 
 #: The key prefix of per-task scores in a metrics record written by an evaluation during training.
@@ -58,15 +59,6 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return xs, ys
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _integer_steps(ax: Any) -> None:
     """Whole optimizer steps on the x axis."""
     from matplotlib.ticker import MaxNLocator
@@ -95,7 +87,7 @@ def plot_losses(records: Sequence[dict[str, Any]], path: Path, title: str = "") 
         panels.append(("loss per task (token mean over its rows)", tasks))
     if aux:
         panels.append(("auxiliary losses (unweighted)", aux))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (1.5 if len(tasks) > 8 else 0), 4),
                              squeeze=False)
     for ax, (name, series) in zip(axes[0], panels):
@@ -124,7 +116,7 @@ def plot_scores(points: Sequence[tuple[int, dict[str, float]]], path: Path, titl
     if len(points) < 2:
         return None
     tasks = sorted({t for _, scores in points for t in scores})
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5 + (1.5 if len(tasks) > 8 else 0), 4.5))
     for t in tasks:
         xs = [s for s, scores in points if t in scores]
