@@ -17,6 +17,7 @@ from .core.context import TaskContext
 from .core.distributed import fsdp_root_unsharded
 from .core.layers import AdapterLayer, LinearAdapter
 from .core.loss import can_chunk_loss, chunked_causal_lm_loss
+from .core.packed import packed_inputs
 from .core.quant import dense_linear, dequantize_rest, is_quantized, keep_standard_4bit_layout
 from .core.targets import find_target_linears, set_submodule
 from .core.wrapping import DelegatingModule
@@ -173,7 +174,8 @@ class MTModel(DelegatingModule):
 
     def resolve_task_ids(self, task_ids: TaskIds, batch_size: int, device: torch.device | None = None,
                          *, training: bool = False) -> torch.Tensor | None:
-        """Turn task ids in any accepted form into a validated LongTensor (batch,), or None if absent and allowed."""
+        """Turn task ids in any accepted form into a validated LongTensor (batch,), or None if absent and allowed;
+        a (batch, seq) tensor stays per token (packed rows), a (batch, 1) column is one id per sample."""
         needed = self.method.task_ids_at_inference or (training and self.method.task_ids_in_training)
         tasks = self.adapter_config.tasks
         if task_ids is None:
@@ -186,7 +188,7 @@ class MTModel(DelegatingModule):
         if isinstance(task_ids, (int, str)):
             task_ids = [task_ids] * batch_size
         if isinstance(task_ids, torch.Tensor):
-            ids = task_ids.reshape(-1).long()
+            ids = task_ids.long() if task_ids.dim() == 2 and task_ids.shape[1] > 1 else task_ids.reshape(-1).long()
             if ids.numel() == 1 and batch_size > 1:
                 ids = ids.expand(batch_size)
             bad = ids[(ids < 0) | (ids >= len(tasks))]
@@ -199,25 +201,24 @@ class MTModel(DelegatingModule):
             raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {batch_size}")
         return ids.to(device if device is not None else self.device)
 
-    def _set_context(self, task_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, collect: bool) -> None:
-        self.context.task_ids = task_ids
-        self.context.token_mask = attention_mask
-        self.context.collect = collect
-
     # --- forward and generate -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 task_ids: TaskIds = None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+                token_type_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
         """Run the base model with this batch's task ids; adds weighted auxiliary losses to ``out.loss``. The
-        columns are named so that transformers.Trainer keeps them and finds ``labels`` (for ``eval_loss``)."""
+        columns are named so that transformers.Trainer keeps them and finds ``labels`` (for ``eval_loss``). Packed
+        rows (:mod:`mtpeft.data.packing`): ``segment_ids`` (batch, seq; -1 on padding), no ``attention_mask``."""
         named = {"labels": labels, "position_ids": position_ids, "token_type_ids": token_type_ids}
         kwargs.update({k: v for k, v in named.items() if v is not None})
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise ValueError("forward needs input_ids or inputs_embeds")
         ids = self.resolve_task_ids(task_ids, ref.shape[0], ref.device, training=self.training)
+        if segment_ids is not None:
+            packed_inputs(segment_ids, attention_mask, kwargs)
         collect = self.training and self.method.aux_losses is not None and torch.is_grad_enabled()
-        self._set_context(ids, attention_mask, collect)
+        self.context.set_batch(ids, attention_mask, collect, segment_ids)
         if self.loss_chunk_size and kwargs.get("labels") is not None and can_chunk_loss(self.base_model):
             # the loss from labelled positions only, in chunks, without the (batch, seq, vocab) logits
             out = chunked_causal_lm_loss(self.base_model, input_ids, attention_mask, chunk=self.loss_chunk_size,
@@ -256,7 +257,7 @@ class MTModel(DelegatingModule):
         if ids is not None:
             expand = int(kwargs.get("num_beams", 1) or 1) * int(kwargs.get("num_return_sequences", 1) or 1)
             ids = ids.repeat_interleave(expand)
-        self._set_context(ids, None, False)
+        self.context.set_batch(ids, None, False)
         with fsdp_root_unsharded(self):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

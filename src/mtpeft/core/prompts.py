@@ -47,7 +47,8 @@ class PrefixStates:
     """What one forward's input-prefix pass left for the prompted layers (a plain object, not a module).
 
     ``states[layer]``: the prefix's hidden states entering that layer's attention (u, l, d), one row per distinct
-    task; ``rows``: for each batch row, its row in ``states``; ``task_ids``: the ids tensor they were made for.
+    task; ``rows``: for each batch row (each token, for per-token ids), its row in ``states``; ``task_ids``: the ids
+    tensor they were made for.
     """
 
     def __init__(self, decoder: Callable[[], nn.Module]) -> None:
@@ -61,11 +62,17 @@ class PrefixStates:
 
     def prompts_for(self, layer: str, task_ids: torch.Tensor) -> torch.Tensor:
         """The prefix states of ``layer`` for each batch row (b, l, d)."""
+        states, rows = self.unique_prompts(layer, task_ids)
+        return states[rows]
+
+    def unique_prompts(self, layer: str, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix states of ``layer`` once per distinct task (u, l, d), and each row's (or, for per-token
+        ids, each token's) index into them."""
         if self.task_ids is not task_ids or layer not in self.states:
             raise ValueError("TA-LoRA input prompt: this forward did not pass through the input embedding, so the "
                              "prefix was not computed; call the model with input_ids (not inputs_embeds), or "
                              "use prompt_position: deep")
-        return self.states[layer][self.rows]
+        return self.states[layer], self.rows
 
 
 class LowRankPrompt:
@@ -166,27 +173,58 @@ class PromptAttention(ModuleWrapper, LowRankPrompt):
 
     def prompt_attention(self, h: torch.Tensor) -> torch.Tensor:
         """The (gated) prompt attention for hidden states h (b, n, d), in the layer's output space."""
-        ids = self.context.require_task_ids(f"TA-LoRA ({self.module_name})", h.shape[0])
-        q_proj, k_proj, v_proj, o_proj = attention_projections(self.base_layer, repr(self.module_name))
-        if self.prefix is None:
-            prompts = self.dropout(self.task_prompts(ids))
+        ids = self.context.task_ids_for(f"TA-LoRA ({self.module_name})", h)
+        q_proj, _, _, o_proj = attention_projections(self.base_layer, repr(self.module_name))
+        q = self._heads(q_proj(h), self.num_heads, "q_norm")  # (b, H, n, hd)
+        if ids.dim() == 2:  # packed rows: every token reads its own task's prompt
+            if self.prefix is None:
+                unique, which = torch.unique(ids, return_inverse=True)
+                prompts = self.dropout(self.task_prompts(unique))
+            else:
+                prompts, which = self.prefix.unique_prompts(self.module_name, ids)
+            out = self._attend_per_token(q, *self._prompt_kv(prompts.to(h.dtype)), which)
         else:
-            prompts = self.prefix.prompts_for(self.module_name, ids)
-        prompts = prompts.to(h.dtype)  # (b, l, d)
-        q = self._heads(q_proj(h), self.num_heads, "q_norm")
+            if self.prefix is None:
+                prompts = self.dropout(self.task_prompts(ids))
+            else:
+                prompts = self.prefix.prompts_for(self.module_name, ids)
+            k, v = self._prompt_kv(prompts.to(h.dtype))  # (b, H, l, hd) each
+            out = (self._softmax(q @ k.transpose(-1, -2)).to(v.dtype) @ v).transpose(1, 2)  # (b, n, H, hd)
+        if self.gate_mode == "prompt":
+            out = out * torch.tanh(self.prompt_gate).to(out.dtype)[:, None]
+        out = out.reshape(*h.shape[:-1], -1)
+        if o_proj is not None:
+            out = F.linear(out, o_proj.weight)  # no bias: the base attention output already has it
+        return out
+
+    def _prompt_kv(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (k, H, l, hd) of prompts (k, l, d), grouped-query heads repeated."""
+        _, k_proj, v_proj, _ = attention_projections(self.base_layer, repr(self.module_name))
         k = self._heads(k_proj(prompts), self.num_kv_heads, "k_norm")
         v = self._heads(v_proj(prompts), self.num_kv_heads)
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: each kv head serves a group
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        scores = torch.softmax((q @ k.transpose(-1, -2)).float() * self.scaling, dim=-1)  # (b, H, n, l)
-        out = scores.to(v.dtype) @ v  # (b, H, n, hd)
-        if self.gate_mode == "prompt":
-            out = out * torch.tanh(self.prompt_gate).to(out.dtype)[None, :, None, None]
-        out = out.transpose(1, 2).reshape(*h.shape[:-1], -1)
-        if o_proj is not None:
-            out = F.linear(out, o_proj.weight)  # no bias: the base attention output already has it
-        return out
+        return k, v
+
+    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Softmax over the prompt keys, in at least fp32."""
+        return torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scaling, dim=-1)
+
+    def _attend_per_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """Prompt attention where token (b, n) reads prompt ``which[b, n]`` of k, v (u, H, l, hd): the tokens of
+        each distinct prompt in one batched product, (b, n, H, hd)."""
+        b, heads, n, hd = q.shape
+        tokens = q.transpose(1, 2).reshape(b * n, heads, hd)
+        out = tokens.new_zeros(b * n, heads, hd, dtype=v.dtype)
+        which = which.reshape(-1)
+        for u in range(k.shape[0]):
+            rows = (which == u).nonzero().squeeze(1)
+            if rows.numel():
+                qu = tokens[rows].transpose(0, 1)  # (H, N, hd)
+                attended = self._softmax(qu @ k[u].transpose(-1, -2)).to(v.dtype) @ v[u]  # (H, N, hd)
+                out = out.index_copy(0, rows, attended.transpose(0, 1))
+        return out.reshape(b, n, heads, hd)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The attention output plus the prompt attention (added to element 0 of the tuple); during the input

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import TruncationError
+from .packing import IGNORE_INDEX, pack_encoded
 from .spec import Example
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "chat_prompt",
 ]
 
-#: Label value ignored by the loss.
-IGNORE_INDEX = -100
 #: Allowed ``truncation`` values of :class:`MultiTaskCollator`.
 TRUNCATION_POLICIES: tuple[str, ...] = ("left", "right", "error")
 #: Allowed ``data.truncation`` values of a run: ``skip`` leaves over-long examples out when the tasks are loaded
@@ -198,9 +197,12 @@ class MultiTaskCollator:
             ``"error"`` raises, and so does ``"skip"`` (such examples are left out before they get here).
             In every policy, a target (with EOS) longer than ``max_length`` raises.
         pad_to_multiple_of: round the padded length up to a multiple of this.
+        packing: pack the examples into as few rows of ``max_length`` as fit (:mod:`mtpeft.data.packing`)
+            instead of one right-padded row each.
 
     Calling the collator on a list of examples returns LongTensors ``input_ids``, ``attention_mask``,
-    ``labels`` (-100 on prompt and padding) and ``task_ids`` (shape ``[batch]``), right-padded.
+    ``labels`` (-100 on prompt and padding) and ``task_ids`` (shape ``[batch]``), right-padded; with ``packing``
+    the packed batch of :func:`~mtpeft.data.packing.pack_encoded`. :meth:`padded` is always the padded one.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class MultiTaskCollator:
         max_length: int = 512,
         truncation: str = "left",
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
     ) -> None:
         if truncation not in OVERLONG_POLICIES:
             raise ValueError(
@@ -227,6 +230,7 @@ class MultiTaskCollator:
         self.max_length = int(max_length)
         self.truncation = truncation
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = bool(packing)
         self.eos_id = eos_token_id(tokenizer)
         self.pad_id = pad_token_id(tokenizer)
         self._specials = _special_ids(tokenizer)
@@ -275,7 +279,18 @@ class MultiTaskCollator:
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
     def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Collate examples into right-padded LongTensors (see the class docstring)."""
+        """Collate examples into right-padded LongTensors, or packed rows with ``packing`` (see the class
+        docstring)."""
+        if not self.packing:
+            return self.padded(batch)
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        encoded = [self.encode(ex, i) for i, ex in enumerate(batch)]
+        return pack_encoded(encoded, [self.task_id(ex.task) for ex in batch], self.max_length, self.pad_id,
+                            self.pad_to_multiple_of or None)
+
+    def padded(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Collate examples into right-padded LongTensors, one row each (whatever ``packing`` says)."""
         if not batch:
             raise ValueError("cannot collate an empty batch")
         encoded = [self.encode(ex, i) for i, ex in enumerate(batch)]

@@ -27,6 +27,7 @@ import torch
 from ..config import help_field
 from ..core import distributed
 from ..core.context import TaskContext
+from ..core.packed import unpack_segments
 from ..registry import MethodSpec, register_method
 from .lora import LoRAConfig, LoRALinear
 
@@ -288,7 +289,9 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     """Alignment loss averaged over adapted modules (modules with no comparable task pair are skipped).
 
     Under data parallelism the features, task ids and masks of every process are gathered first (one
-    collective for all modules), so the loss compares the tasks over the whole global batch.
+    collective for all modules), so the loss compares the tasks over the whole global batch. Packed rows are
+    first laid out as a padded batch, one sample per example (:func:`~mtpeft.core.packed.unpack_segments`), so
+    the loss equals that of the same examples in padded rows.
     """
     cfg: AlignLoRAConfig = model.adapter_config
     ctx = model.context
@@ -300,6 +303,11 @@ def aux_losses(model) -> dict[str, tuple[torch.Tensor, float]]:
     features = torch.cat([layer.cached_down for layer in layers], -1)
     task_ids = ctx.require_task_ids(f"Align-LoRA ({layers[0].module_name})", features.shape[0])
     mask = ctx.token_mask
+    if ctx.segment_ids is not None:  # packed rows: one sample per example, laid out as the padded batch has them
+        features, mask, task_ids = unpack_segments(features, ctx.segment_ids, task_ids)
+    elif task_ids.dim() == 2:
+        raise ValueError("Align-LoRA: per-token task_ids need segment_ids (which example each token belongs to) "
+                         "to group the samples by task")
     if distributed.is_distributed():
         features = distributed.gather_rows(features)
         task_ids = distributed.gather_rows(task_ids)

@@ -133,7 +133,7 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
 
     # --- gates -------------------------------------------------------------------------------------------
     def task_gate(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """Gate weights (k, E) for task ids (k,); id T is the unknown task."""
+        """Gate weights (..., E) for task ids (...); id T is the unknown task."""
         emb = self.lora_task_embedding[task_ids]
         return torch.softmax(F.linear(emb, self.lora_gate), dim=-1)
 
@@ -147,25 +147,23 @@ class MoELoRALinear(RoutedExpertsMixin, LinearAdapter):
             probs = torch.zeros_like(probs).scatter(-1, idx, top)
         return probs[..., None, :]
 
-    def _sample_gate(self, batch: int, device: torch.device) -> torch.Tensor:
-        ids = self.context.task_ids
-        if ids is None:
+    def _sample_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """The task ids of the rows of ``x`` (per sample or per token); the unknown task without ids."""
+        if self.context.task_ids is None:
             if self.training:
                 raise ValueError(f"MoE-LoRA ({self.module_name}) with gating='task' needs task_ids in "
                                  f"training (the unknown-task gate is only for inference without ids)")
-            ids = torch.full((batch,), self.num_tasks, dtype=torch.long, device=device)
-        elif ids.shape[0] != batch:
-            raise ValueError(f"MoE-LoRA ({self.module_name}): the batch has {batch} rows but task_ids has "
-                             f"{ids.shape[0]} entries")
-        return self.task_gate(ids.to(device))
+            return torch.full((x.shape[0],), self.num_tasks, dtype=torch.long, device=x.device)
+        return self.context.task_ids_for(f"MoE-LoRA ({self.module_name})", x).to(x.device)
 
     # --- forward -----------------------------------------------------------------------------------------
     def gated_down(self, x: torch.Tensor) -> torch.Tensor:
         """A dropout(x) with each expert's rank rows scaled by its gate weight, (..., r)."""
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
         if self.gating == "task":
-            gate = self._sample_gate(x.shape[0], x.device)[:, self.expert_of_rank]  # (b, r)
-            return z * per_sample(gate, z)
+            ids = self._sample_ids(x)
+            gate = self.task_gate(ids)[..., self.expert_of_rank]  # (b, r), or (b, seq, r) for per-token ids
+            return z * per_sample(gate, z, ids)
         pi = self.routing_weights(x)
         self.record_routing(pi)
         return z * pi[..., 0, :][..., self.expert_of_rank].to(z.dtype)

@@ -69,13 +69,27 @@ class MTLLoRALinear(LinearAdapter):
         return torch.einsum("kn,ndr->kdr", weights, self.lora_B)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.context.require_task_ids(f"MTL-LoRA ({self.module_name})", x.shape[0])
+        ids = self.context.task_ids_for(f"MTL-LoRA ({self.module_name})", x)
+        if ids.dim() == 2:
+            return self._per_token_output(x, ids)
         squeeze = x.dim() == 2
         h = x[:, None, :] if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])
         z = F.linear(self.dropout(h.to(self.lora_A.dtype)), self.lora_A)  # (b, n, r)
         z = torch.einsum("bnr,bqr->bnq", z, self.task_lambda(ids))
         out = torch.einsum("bnq,bdq->bnd", z, self.task_up(ids)) * self.scale
         return out[:, 0] if squeeze else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _per_token_output(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The update for per-token task ids (b, n) (packed rows): Lambda gathered per token (r x r, or r on the
+        diagonal), and sum_i w_ti B_i z as one matmul over the pool side by side, (w_t kron z) [B_1 .. B_n]^T,
+        rather than one mixed d_out x r matrix per token."""
+        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (b, n, r)
+        lam = self.lora_lambda[ids]
+        z = z * lam if self.diagonal else torch.einsum("bnr,bnqr->bnq", z, lam)
+        weights = torch.softmax(self.mix_logits[ids] / self.temperature, dim=-1)  # (b, n, pool)
+        wz = (weights[..., :, None] * z[..., None, :]).flatten(-2)  # (b, n, pool * r), pool-major
+        pool, d_out, r = self.lora_B.shape
+        return F.linear(wz, self.lora_B.permute(1, 0, 2).reshape(d_out, pool * r)) * self.scale
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if task is None:

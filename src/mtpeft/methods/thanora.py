@@ -192,9 +192,9 @@ class ThanoRALinear(LinearAdapter):
         """A dropout(x), in training with ``task_masked`` restricted to each sample's own task block."""
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         if self.train_mode == "task_masked" and self.training:
-            ids = self.context.require_task_ids(f"ThanoRA task_masked ({self.module_name})", x.shape[0])
-            mask = (self.block_ids()[None, :] == ids[:, None]).to(z.dtype)  # (b, r)
-            z = z * per_sample(mask, z)
+            ids = self.context.task_ids_for(f"ThanoRA task_masked ({self.module_name})", x)
+            mask = (ids[..., None] == self.block_ids()).to(z.dtype)  # (b, r), or (b, seq, r) per token
+            z = z * per_sample(mask, z, ids)
         return z
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:

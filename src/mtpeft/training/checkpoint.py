@@ -13,7 +13,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,7 +160,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: MTModel, op
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(),
-                 "optimizer": opt_meta, "rng": rng_meta, **extra}
+                 "optimizer": opt_meta, "rng": rng_meta, "counters": dict(model.context.counters), **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, default=json_default))
 
     try:
@@ -184,6 +184,7 @@ class SavedCheckpoint:
     scheduler: dict[str, Any]
     sampler: dict[str, Any]
     rng: RandomState  # restored last, with restore_random_state
+    counters: dict[str, int] = field(default_factory=dict)  # the method's run counters (mtLoRA's firings)
 
 
 def load_checkpoint(path: Path, task_names: list[str]) -> SavedCheckpoint:
@@ -200,4 +201,5 @@ def load_checkpoint(path: Path, task_names: list[str]) -> SavedCheckpoint:
         adapter=load_file(str(path / "adapter" / "adapter_model.safetensors")),
         optimizer=_optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
         scheduler=state["scheduler"], sampler=state["sampler"],
-        rng=(load_file(str(path / "rng.safetensors")), state["rng"]))
+        rng=(load_file(str(path / "rng.safetensors")), state["rng"]),
+        counters={str(k): int(v) for k, v in state.get("counters", {}).items()})

@@ -69,6 +69,10 @@ class DataSection:
     chat_template: str = _h("Prompts through a chat template, alike in training, eval, predict and bench: 'auto' "
                             "(the tokenizer's own, for instruct models; none without one), 'none', or a Jinja "
                             "chat template.", default="none")
+    packing: bool = _h("Training batches as packed rows: a micro-batch's examples (of any tasks) concatenated "
+                       "into as few rows of max_length tokens as fit, each example attending only to itself, with "
+                       "per-token task ids; the loss equals the padded batch's. Evaluation stays padded.",
+                       default=False)
 
     def check(self, prefix: str) -> None:
         _one_of(f"{prefix}.truncation", self.truncation, ["left", "right", "skip", "error"])

@@ -4,8 +4,9 @@ The model's loss is one number over the whole (mixed) batch, auxiliary losses in
 splits the language-model loss by task, without gradients and without another forward pass, on the steps that
 are logged only. From the forward's logits when it returns them; when it does not (``train.loss_chunk_size``:
 the loss is computed in chunks from the decoder's hidden states, without logits), from those hidden states,
-caught by a forward hook on the decoder and passed through the output head again in small blocks. Under data
-parallelism each process sees its own rows: the main process logs its share.
+caught by a forward hook on the decoder and passed through the output head again in small blocks. In packed
+rows (``data.packing``) every token counts for its own example's task. Under data parallelism each process sees
+its own rows: the main process logs its share.
 """
 
 from __future__ import annotations
@@ -63,40 +64,47 @@ class TaskLosses:
         if not self.active or "task_ids" not in batch or "labels" not in batch:
             return out
         try:
-            per_row = self._row_losses(getattr(out, "logits", None), hidden, batch["labels"])
+            per_token = self._token_losses(getattr(out, "logits", None), hidden, batch["labels"])
         except Exception as exc:  # a measurement never stops training
             warnings.warn(f"per-task loss not measured: {type(exc).__name__}: {exc}", stacklevel=2)
             return out
-        if per_row is not None:
-            self._count(batch["task_ids"], (batch["labels"][:, 1:] != -100).sum(dim=1), per_row)
+        if per_token is not None:
+            self._count(batch["task_ids"], batch["labels"][:, 1:] != -100, per_token)
         return out
 
-    def _row_losses(self, logits: Any, hidden: Any, labels: torch.Tensor) -> torch.Tensor | None:
-        """Each row's summed token loss, from the logits or else from the decoder's hidden states."""
+    def _token_losses(self, logits: Any, hidden: Any, labels: torch.Tensor) -> torch.Tensor | None:
+        """Each target token's loss (batch, seq - 1), 0 where there is none, from the logits or else from the
+        decoder's hidden states."""
         targets = labels[:, 1:]
         with torch.no_grad():
             if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == labels.shape[1]:
                 flat = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                        targets.reshape(-1).to(logits.device), ignore_index=-100, reduction="none")
-                return flat.view(targets.shape).sum(dim=1).cpu()
+                return flat.view(targets.shape).cpu()
             if hidden is None or self.head is None or hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
                 return None
             targets = targets.to(hidden.device)
             keep = targets != -100
-            rows = keep.nonzero()[:, 0]
             h, y = hidden[:, :-1][keep], targets[keep]
             losses = torch.cat([F.cross_entropy(self.head(h[i:i + HEAD_BLOCK_ROWS]).float(), y[i:i + HEAD_BLOCK_ROWS],
                                                 reduction="none") for i in range(0, len(y), HEAD_BLOCK_ROWS)]
                                or [h.new_zeros(0)])
-            return torch.zeros(labels.shape[0], device=losses.device).index_add_(0, rows, losses.float()).cpu()
+            out = torch.zeros(targets.shape, device=losses.device)
+            out[keep.to(losses.device)] = losses.float()
+            return out.cpu()
 
-    def _count(self, task_ids: torch.Tensor, counts: torch.Tensor, per_row: torch.Tensor) -> None:
-        for row, tid in enumerate(task_ids.tolist()):
-            if int(counts[row]) == 0:
-                continue
+    def _count(self, task_ids: torch.Tensor, targets: torch.Tensor, per_token: torch.Tensor) -> None:
+        """Add the target tokens' losses to their tasks: a row's task for per-sample ids (batch,), the token's
+        own for per-token ids (batch, seq) of packed rows."""
+        targets = targets.cpu()
+        ids = task_ids.cpu()
+        ids = ids[:, None].expand_as(targets) if ids.dim() == 1 else ids[:, 1:]
+        ids, losses = ids[targets], per_token[targets].double()
+        for tid in torch.unique(ids).tolist():
+            chosen = ids == tid
             name = self.task_names[tid] if 0 <= tid < len(self.task_names) else str(tid)
-            self.sums[name] = self.sums.get(name, 0.0) + float(per_row[row])
-            self.tokens[name] = self.tokens.get(name, 0) + int(counts[row])
+            self.sums[name] = self.sums.get(name, 0.0) + float(losses[chosen].sum())
+            self.tokens[name] = self.tokens.get(name, 0) + int(chosen.sum())
 
     def record(self) -> dict[str, float]:
         """``{"task_loss/<task>": token-mean loss}`` for the tasks seen (empty on steps that are not logged);

@@ -29,7 +29,7 @@ from ..data.resolve import resolve_task_specs
 from ..data.tasks import Example, TaskData, TaskSpec, load_tasks
 from ..errors import TrainingError, TrainingInterrupted
 from ..model import MTModel, get_mt_model
-from . import engines, plots, task_losses, tracking
+from . import engines, packing, plots, task_losses, tracking
 from .checkpoint import (
     RandomState,
     SavedCheckpoint,
@@ -98,8 +98,7 @@ class MultiTaskTrainer:
         use_chat_template(self.tokenizer, cfg.data.chat_template)
         if tasks is None:
             tasks = [(data.spec, data) for data in load_tasks(resolve_task_specs(cfg), cfg.data.root)]
-            empty = [spec.name for spec, data in tasks if not data.train]
-            if empty:
+            if empty := [spec.name for spec, data in tasks if not data.train]:
                 raise ValueError(f"task {empty[0]!r} has no training examples")
         self.tasks, self.lengths = screen_lengths(tasks, self.tokenizer, cfg.data.max_length, cfg.data.truncation)
         self.task_names = [spec.name for spec, _ in self.tasks]
@@ -115,7 +114,7 @@ class MultiTaskTrainer:
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.collator = MultiTaskCollator(self.tokenizer, self.task_names, max_length=cfg.data.max_length,
-                                          truncation=cfg.data.truncation)
+                                          truncation=cfg.data.truncation, packing=cfg.data.packing)
         self.sampler = MixtureSampler([len(d.train) for _, d in self.tasks], cfg.train.batch_size,
                                       strategy=cfg.data.mixing, temperature=cfg.data.temperature,
                                       task_balanced=cfg.data.task_balanced, seed=cfg.train.seed)
@@ -163,7 +162,7 @@ class MultiTaskTrainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.run_folder = open_run_folder(cfg, resume=resume, overwrite=overwrite, main=self.main)  # checks first
         self.tracker = tracking.RunTracker(accelerator, cfg)  # train.report_to (off by default)
-        model = self.model.to(self.device)
+        model = packing.checked_model(self.model.to(self.device), cfg.data)  # data.packing: attention checked
         checkpoints = self.run_folder.checkpoints
         accelerator.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         self.result = TrainResult(self.output_dir, 0, None)
@@ -174,7 +173,7 @@ class MultiTaskTrainer:
                 self.result.eval_before.save(self.output_dir / "eval", name="before")
         if model.needs_calibration and not checkpoints:
             chunks = leading_batches(self._train_examples, cfg.train.batch_size, cfg.train.calibration_batches)
-            model.calibrate([{k: v.to(self.device) for k, v in self.collator(c).items()} for c in chunks])
+            model.calibrate([{k: v.to(self.device) for k, v in self.collator.padded(c).items()} for c in chunks])
 
         optimizer, self._optimized, self._group_sizes = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
         self.scheduler = build_scheduler(optimizer, cfg.train)
@@ -199,6 +198,7 @@ class MultiTaskTrainer:
         """Adapter, scheduler, data position and RNG of checkpoint ``path``; the optimizer state it returns is
         loaded after ``accelerator.prepare`` (sharded engines rebuild the optimizer's parameters there)."""
         saved = load_checkpoint(path, self.task_names)
+        self.model.context.counters = dict(saved.counters)  # counted over the whole run, not since the resume
         self.model.load_adapter_state_dict(saved.adapter, source=str(path / "adapter"))
         self.scheduler.load_state_dict(saved.scheduler)
         self.sampler.load_state_dict(saved.sampler)
@@ -286,7 +286,7 @@ class MultiTaskTrainer:
                 # one collective for the logged loss and the token count; every process then makes the same
                 # decision about a non-finite loss
                 shared = distributed.all_reduce_mean_detached(torch.stack(
-                    [loss.detach().float(), batch["attention_mask"].sum().float()]))
+                    [loss.detach().float(), packing.real_token_count(batch)]))
                 if not torch.isfinite(shared[0]):
                     bad = (micro, names, float(shared[0]))
                     break
