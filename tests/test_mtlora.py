@@ -361,3 +361,35 @@ def test_paper_preset_and_explicit_keys_override_it():
         mtpeft.config_from_dict({"method": "mtlora", "preset": "best"})
     with pytest.raises(mtpeft.ConfigError, match="routing_group_size must be None, 'auto' or a positive integer"):
         mtpeft.MtLoRAConfig(routing_group_size="half")
+
+
+def test_spectral_firings_before_an_interruption_stay_counted_after_resume(tmp_path, tiny_model_dir):
+    import json
+
+    from conftest import toy_run_config
+
+    from mtpeft.training.run_config import run_config_from_dict
+    from mtpeft.training.trainer import MultiTaskTrainer, TrainingError, train
+
+    def config():
+        data = toy_run_config(tmp_path, tiny_model_dir, method="mtlora", steps=8, save_every=6, log_every=1,
+                              batch_size=2)
+        data["method"].update({"num_experts": 2, "balance_weight": 0.0})  # fires once, at global step 4
+        data["data"]["max_eval_per_task"] = 0
+        return run_config_from_dict(data)
+
+    trainer = MultiTaskTrainer(config(), progress=False)
+    draw, calls = trainer.sampler.next_batch, []
+
+    def next_batch():  # Ctrl-C while step 7 draws its batch: the firing and checkpoint 6 are behind it
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return draw()
+
+    trainer.sampler.next_batch = next_batch
+    with pytest.raises(TrainingError, match="interrupted at step 6"):
+        trainer.train()
+    train(config(), resume=True, progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method_counters"] == {"spectral_firings": 1}
