@@ -79,6 +79,8 @@ def test_unseen_policy() -> None:
     assert unseen_task_id("ta_lora", "skip") == ("skip", None)
     assert unseen_task_id("lora", "first_task") == ("id", 0)
     assert unseen_task_id("untrained", "skip") == ("none", None)
+    assert unseen_task_id("peft_lora", "skip") == ("none", None)  # task-agnostic, as lora
+    assert unseen_task_id("peft_lora", "first_task") == ("id", 0)
 
 
 def test_choose_rank_comes_closest_to_the_budget() -> None:
@@ -186,6 +188,28 @@ def test_bench_runner_end_to_end(tmp_path: Path, tiny_model_dir: Path, one_threa
         run_bench(suite, changed, out, log=logs.append)
 
 
+def test_peft_lora_baseline_in_a_tiny_bench(tmp_path: Path, tiny_model_dir: Path, one_thread) -> None:
+    suite = _toy_suite(tmp_path, tiny_model_dir)
+    out = tmp_path / "bench"
+    run_bench(suite, BenchOptions(methods=["lora", "peft_lora"], seeds=[0]), out, log=lambda _: None)
+    lora = json.loads((out / "runs/all/lora/seed-0/result.json").read_text())
+    peft = json.loads((out / "runs/all/peft_lora/seed-0/result.json").read_text())
+    assert peft["config"]["method"] == lora["config"]["method"] and peft["config"]["train"] == lora["config"]["train"]
+    assert peft["steps"] == lora["steps"] == 4 and peft["trainable_parameters"] == lora["trainable_parameters"]
+    assert peft["adapted_modules"] == 14 and peft["peft_version"]  # 7 linears in each of 2 layers
+    for task in ("copy", "parity"):  # the same test items, pairable
+        assert len(peft["tasks"][task]["items"]) == len(lora["tasks"][task]["items"]) == 8
+    assert peft["unseen_how"] == "no task id" and len(peft["unseen"]["echo"]["items"]) == 6
+    assert (Path(peft["run_dir"]) / "adapter" / "adapter_config.json").is_file()
+    assert len((Path(peft["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 4
+    report = (out / "report.md").read_text()
+    assert report.count("| peft_lora |") == 3  # summary, per task, ranking
+    assert "mtpeft LoRA vs Hugging Face PEFT LoRA:** peft_lora - lora" in report
+    ranking = json.loads((out / "report.json").read_text())["ranking"]["all"]
+    assert ranking["comparisons"]["lora"]["peft_lora"]["items"] == 16
+    assert "peft_lora" not in ranking["recommendation"]
+
+
 def test_missing_data_fails_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
     suite = _toy_suite(tmp_path, tiny_model_dir)
     suite.settings[0].unseen = [{"name": "gone", "source": str(tmp_path / "gone.jsonl"), "test_size": 2}]
@@ -281,6 +305,7 @@ def test_cli_errors_and_help(capsys) -> None:
     assert "allowed" in capsys.readouterr().err
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "peft_lora" in subs.choices["bench"].format_help()
     for name in ("bench", "analyze"):
         for action in subs.choices[name]._actions:
             assert action.help, (name, action.dest)

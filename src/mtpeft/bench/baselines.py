@@ -1,4 +1,4 @@
-"""The two baselines that are not adapter methods.
+"""The two baselines that are not adapter methods (the third, ``peft_lora``, is in :mod:`mtpeft.bench.peft_baseline`).
 
 ``untrained``: the base model without adapters (deterministic: one run, whatever the seeds).
 ``single_task_lora``: one LoRA (the ``lora`` defaults) per training task, trained on that task only, with

@@ -23,7 +23,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def method_defaults(method: str) -> dict[str, Any]:
     """A copy of the method's default config (``{"method": name, ...}``); unknown names list the methods."""
-    if method == "single_task_lora":
+    if method in ("single_task_lora", "peft_lora"):
         method = "lora"
     get_method(method)  # unknown -> ConfigError listing the methods
     return {"method": method, **copy.deepcopy(BENCH_COMMON), **copy.deepcopy(METHOD_DEFAULTS.get(method, {}))}

@@ -9,8 +9,9 @@ from ..errors import BenchError
 from ..registry import available_methods
 from ..training.run_config import parse_override
 
-#: The baselines that are not adapter methods.
-BASELINES: tuple[str, ...] = ("untrained", "single_task_lora")
+#: The baselines that are not adapter methods (``peft_lora``: Hugging Face PEFT's LoRA on the ``lora`` run's config,
+#: :mod:`mtpeft.bench.peft_baseline`).
+BASELINES: tuple[str, ...] = ("untrained", "single_task_lora", "peft_lora")
 #: The multi-task methods benchmarked by default (in report order).
 DEFAULT_METHODS: tuple[str, ...] = (
     "lora",

@@ -19,8 +19,9 @@ from typing import Any
 
 #: The confidence level of every interval in the report.
 LEVEL = 0.95
-#: Methods that are never recommended (the base model without adapters).
-NOT_RECOMMENDED: tuple[str, ...] = ("untrained",)
+#: Methods that are never recommended: the base model without adapters, and PEFT's LoRA (the same method as
+#: ``lora``, run as a check on its implementation).
+NOT_RECOMMENDED: tuple[str, ...] = ("untrained", "peft_lora")
 
 
 @dataclass

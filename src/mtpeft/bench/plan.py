@@ -59,6 +59,8 @@ def build_method_config(
     trainable parameters (None without a budget)."""
     notes = notes if notes is not None else []
     general, per_method = split_overrides(options.overrides, options.methods)
+    if method == "peft_lora":  # the lora run's method section: lora's own overrides, then peft_lora's
+        per_method = {method: [*per_method.get("lora", []), *per_method.get(method, [])]}
     cfg = method_defaults(method)
     model_name = options.model or suite.config.get("model", {}).get("name", "smollm2")
     trust = bool(suite.config.get("model", {}).get("trust_remote_code", False))

@@ -74,7 +74,22 @@ def ranking_lines(setting: dict[str, Any], ranked: dict[str, Any]) -> list[str]:
         "",
         f"**Recommendation:** {ranked['recommendation']}",
     ]
+    check = implementation_check(diffs.get("lora", {}).get("peft_lora"))
+    if check:
+        lines += ["", check]
     return lines
+
+
+def implementation_check(d: PairedDifference | None) -> str | None:
+    """The sentence on mtpeft's LoRA against Hugging Face PEFT's (the ``peft_lora`` baseline), None without it."""
+    if d is None:
+        return None
+    verdict = "**beyond noise**: the two implementations disagree" if d.beyond_noise else "within noise"
+    return (
+        f"**mtpeft LoRA vs Hugging Face PEFT LoRA:** peft_lora - lora = {100 * d.diff:+.1f} points macro "
+        f"({100 * LEVEL:.0f}% CI {100 * d.low:+.1f} to {100 * d.high:+.1f}, {d.items} paired items, "
+        f"{len(d.seeds)} seed{'s' if len(d.seeds) != 1 else ''}): {verdict}."
+    )
 
 
 def public(ranked: dict[str, Any]) -> dict[str, Any]:

@@ -245,6 +245,11 @@ def render_markdown(
             )
             + "; each task is evaluated with its own adapter."
         )
+    if any(r["method"] == "peft_lora" for r in results):
+        lines.append(
+            "peft_lora: Hugging Face PEFT's LoRA (the lora run's config and batches, a plain PyTorch loop, the same "
+            "evaluation): its paired difference from lora measures the two implementations' disagreement."
+        )
     for sname, s in agg.items():
         steps = next((x.get("steps") for x in bench.get("settings", []) if x["name"] == sname), None)
         lines += [

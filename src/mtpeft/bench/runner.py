@@ -1,4 +1,4 @@
-"""The benchmark runner: every method (and two baselines) on the same data, steps and evaluation.
+"""The benchmark runner: every method (and three baselines) on the same data, steps and evaluation.
 
 A *run* is one (setting, method, seed), planned by :mod:`mtpeft.bench.plan`; a method's run is trained with
 :class:`~mtpeft.training.trainer.MultiTaskTrainer` (:mod:`mtpeft.bench.method_run`), the baselines run as
@@ -17,7 +17,9 @@ Conventions (also in ``benchmarks/README.md``):
 * **Baselines.** ``untrained``: the base model without adapters (deterministic: one run, whatever the seeds).
   ``single_task_lora``: one LoRA (the ``lora`` defaults) per training task, trained on that task only, with
   ``ceil(steps / T)`` steps each (``single_task_steps='split'``: the same total compute as one multi-task
-  run) or ``steps`` each (``'same'``); each task is evaluated with its own adapter.
+  run) or ``steps`` each (``'same'``); each task is evaluated with its own adapter. ``peft_lora``: Hugging Face
+  PEFT's LoRA on the ``lora`` run's config, trained by a plain PyTorch loop on the same batches and evaluated
+  the same way (:mod:`mtpeft.bench.peft_baseline`): the check that mtpeft's LoRA matches PEFT's.
 * **Unseen tasks** (:data:`~mtpeft.bench.options.UNSEEN_POLICIES`): ``auto`` evaluates methods that need no
   task id at inference without one (MoE-LoRA's task gate then uses its learned "unknown task" row), methods
   that need one (MTL-LoRA, TA-LoRA) and single-task LoRA with task id 0 / the first task's adapter;
@@ -48,6 +50,7 @@ from .layout import BENCH_NAME, ERROR_NAME, RESULT_NAME, write_json
 from .memory import PeakMemory, cpu_seconds
 from .method_run import train_method
 from .options import BenchOptions
+from .peft_baseline import run_peft_lora
 from .plan import RunSpec, plan_runs
 from .provenance import device_info, git_state, package_versions
 from .report import write_report
@@ -249,6 +252,8 @@ class BenchRunner:
             out = run_untrained(spec, self.options)
         elif spec.method == "single_task_lora":
             out = run_single_task(spec, self.options)
+        elif spec.method == "peft_lora":
+            out = run_peft_lora(spec, self.options)
         else:
             out = train_method(spec.config, spec.method, spec.unseen, self.options)
         record.update(out)

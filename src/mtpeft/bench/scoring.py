@@ -126,7 +126,10 @@ def unseen_task_id(method: str, policy: str) -> tuple[str, int | None]:
     """
     if method == "untrained":
         return "none", None
-    needs_id = method == "single_task_lora" or get_method(method).task_ids_at_inference
+    # peft_lora is PEFT's LoRA on the lora run's config: task-agnostic as lora is
+    needs_id = method == "single_task_lora" or get_method(
+        "lora" if method == "peft_lora" else method
+    ).task_ids_at_inference
     if policy == "first_task":
         return "id", 0
     if not needs_id:
@@ -164,6 +167,6 @@ def evaluate_unseen(
     how = describe_unseen(method, action, first_task)
     if action == "skip":
         return {}, how
-    wrapped = FixedTaskIds(model, tid, drop=method == "untrained")
+    wrapped = FixedTaskIds(model, tid, drop=method in ("untrained", "peft_lora"))  # plain transformers/PEFT models
     tasks = load_eval_examples(entries, cfg, unseen=True)
     return evaluate_with(wrapped, tokenizer, tasks, cfg, progress), how

@@ -11,7 +11,7 @@ A suite file holds task specs exactly as in a run config, plus what the benchmar
     batch_size: 8
     lr: 1.0e-3
     seeds: 3                       # a count (0, 1, ...) or a list of seeds
-    methods: [lora, align_lora, single_task_lora]   # default: every method and both baselines
+    methods: [lora, align_lora, single_task_lora]   # default: every method and the baselines
     budget: 2.4M                   # trainable-parameter budget (each method's rank is chosen for it); null: rank 8
     top_layers: 4                  # adapt only the top k layers (0 or absent: every layer)
     data: {...}                    # run-config sections, passed on as they are

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 SUITE_NAMES = ("bbh27", "bbh-scaling", "glue", "commonsense")
-ALL_METHODS = "lora,align_lora,thanora,mtlora,hydralora,mtl_lora,moe_lora,ta_lora,untrained,single_task_lora"
+ALL_METHODS = (
+    "lora,align_lora,thanora,mtlora,hydralora,mtl_lora,moe_lora,ta_lora,untrained,single_task_lora,peft_lora"
+)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -147,9 +149,10 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
         help="Benchmark methods and baselines on a suite (same data, steps, evaluation).",
-        description="Train and evaluate every method (plus the untrained model and single-task LoRA "
-        "adapters) on a suite with the same data, steps and evaluation, over seeds; writes one result JSON "
-        "per run and a report (Markdown tables, PNG plots). Re-running the same command skips finished runs.",
+        description="Train and evaluate every method (plus the untrained model, single-task LoRA adapters and "
+        "Hugging Face PEFT's LoRA) on a suite with the same data, steps and evaluation, over seeds; writes one "
+        "result JSON per run and a report (Markdown tables, PNG plots). Re-running the same command skips "
+        "finished runs.",
         formatter_class=_DefaultsFormatter,
     )
     p.add_argument(
@@ -161,8 +164,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="Comma-separated methods and baselines (untrained, single_task_lora); default: the suite file's "
-        "methods, else all eight methods and both baselines.",
+        help="Comma-separated methods and baselines (untrained, single_task_lora, peft_lora: Hugging Face PEFT's "
+        "LoRA on the lora run's config, trained on the same batches); default: the suite file's methods, else "
+        "all eight methods and the three baselines.",
     )
     p.add_argument(
         "--seeds",
