@@ -309,3 +309,18 @@ def test_cli_errors_and_help(capsys) -> None:
     for name in ("bench", "analyze"):
         for action in subs.choices[name]._actions:
             assert action.help, (name, action.dest)
+
+
+def test_a_methods_preset_wins_over_the_bench_wide_rank_dropout_and_alpha():
+    from mtpeft.bench.plan import build_method_config
+
+    suite = get_suite("bbh27", quick=True)
+    setting = suite.settings[0]
+    plain, _ = build_method_config("mtlora", suite, setting, BenchOptions(methods=["mtlora"]))
+    assert (plain["r"], plain["alpha"], plain["dropout"]) == (8, 16.0, 0.05)
+    options = BenchOptions(overrides=["methods.mtlora.preset=paper"], methods=["mtlora"])
+    paper, _ = build_method_config("mtlora", suite, setting, options)
+    assert (paper["r"], paper["alpha"], paper["dropout"]) == (16, 64, 0.05)
+    options.overrides.append("methods.mtlora.alpha=8")
+    explicit, _ = build_method_config("mtlora", suite, setting, options)
+    assert (explicit["r"], explicit["alpha"]) == (16, 8)

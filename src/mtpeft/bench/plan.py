@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BenchError
+from ..registry import get_method
 from ..training.run_config import RunConfigError, apply_overrides, parse_override, run_config_from_dict
 from .budget import choose_rank, model_config, num_layers
 from .defaults import method_defaults, resolve_auto
@@ -74,6 +75,10 @@ def build_method_config(
     apply_overrides(wrapper, per_method.get(method, []))
     cfg = wrapper["method"]
     explicit = {parse_override(o)[0][-1] for o in [*general, *per_method.get(method, [])] if o.startswith("method.")}
+    if cfg.get("preset") is not None:  # a preset's published values win over the bench-wide r, dropout and alpha
+        published = get_method(cfg["method"]).config_class.preset_values(cfg["preset"])
+        cfg.update({key: value for key, value in published.items() if key not in explicit})
+        explicit |= {"alpha"} & set(published)  # --param-budget may still choose r
     tasks = setting.task_names
     if cfg["method"] == "thanora" and "r" not in explicit and cfg["r"] < len(tasks):
         notes.append(f"ThanoRA rank raised from {cfg['r']} to {len(tasks)} (at least one rank per task)")
