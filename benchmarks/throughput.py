@@ -1,7 +1,9 @@
 """Training and mixed-task inference throughput: HF PEFT and mtpeft side by side, in one process.
 
 Same model (random weights in a real architecture's shape), batch, sequence length and rank for every row.
-Prints a table and writes JSON + Markdown with tokens/s, peak memory and the ratios to PEFT.
+Prints a table and writes JSON + Markdown with tokens/s, peak memory, the ratios to PEFT and to the frozen-base
+floor (the base model without adapters, forward and backward to the activations only: what any adapter method
+costs at least), and whether each row meets its speed goal.
 
     python benchmarks/throughput.py --device cuda --compile --out benchmarks/results/throughput-h100
     python benchmarks/throughput.py --device cpu --out benchmarks/results/throughput-cpu
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import mtpeft  # noqa: E402
 
+FLOOR = "base_floor"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -100,9 +103,9 @@ def batch_labels(x: torch.Tensor, label_fraction: float) -> torch.Tensor:
 
 def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.0) -> dict:
     """tokens/s and peak memory of forward+backward+AdamW on one fixed batch (tokens/s counts every input
-    token, labelled or not)."""
+    token, labelled or not); a model without trainable parameters gets no optimizer step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
     torch.manual_seed(1)
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     labels = batch_labels(x, label_fraction)
@@ -112,8 +115,9 @@ def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.
     def step():
         out = model(input_ids=x, labels=labels, **kwargs)
         out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     dt = time_steps(step, args)
     row = {"kind": "train" if label_fraction == 1 else "train_masked", "label": label,
@@ -123,6 +127,25 @@ def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.
         row["label_fraction"] = label_fraction
     print(json.dumps(row), flush=True)
     return row
+
+
+class FrozenFloor(torch.nn.Module):
+    """The base model without adapters, in eager mode, with the mtpeft rows' loss head (the label-only chunked
+    loss; the model's own with ``--loss-chunk 0``). The input embeddings' output requires grad, so backward runs
+    through every frozen layer to the activations, as under an adapter, but computes no weight gradient."""
+
+    def __init__(self, model, loss_chunk: int):
+        super().__init__()
+        self.model, self.loss_chunk = model, loss_chunk
+        self.config = model.config
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+
+    def forward(self, input_ids, labels):
+        from mtpeft.core.loss import can_chunk_loss, chunked_causal_lm_loss
+
+        if self.loss_chunk and can_chunk_loss(self.model):
+            return chunked_causal_lm_loss(self.model, input_ids, None, labels, self.loss_chunk)
+        return self.model(input_ids=input_ids, labels=labels)
 
 
 def task_ids_for(args, num_tasks: int):
@@ -138,11 +161,12 @@ def mt_model(args, method: str, tasks: int = 8, **extra):
 
 
 def lora_rows(args, label_fraction: float = 1.0) -> list[dict]:
-    """PEFT LoRA and mtpeft LoRA (eager, compiled) on the same batch and labels."""
+    """The frozen-base floor, PEFT LoRA and mtpeft LoRA (eager, compiled) on the same batch and labels."""
     from peft import LoraConfig, get_peft_model
 
-    rows = []
     suffix = "" if label_fraction == 1 else "_masked"
+    rows = [train_row(f"{FLOOR}{suffix}", FrozenFloor(base_model(args), args.loss_chunk), args,
+                      label_fraction=label_fraction)]
     if not args.skip_peft:
         peft_model = get_peft_model(base_model(args), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                                  target_modules=PROJECTIONS, lora_dropout=0.0))
@@ -219,39 +243,88 @@ def inference_rows(args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+GOAL_FLOOR, GOAL_LORA = 0.95, 0.85  # mtpeft LoRA (compiled) against the floor; each multi-task method against it
+
+
+def references(kind: str) -> tuple[str, str, tuple[str, ...]]:
+    """Labels of a table's floor, PEFT and mtpeft LoRA rows (compiled first, where both were measured)."""
+    if kind == "inference":
+        return "merged_or_base", "peft_adapter_names_mixed", ()
+    suffix = "_masked" if kind == "train_masked" else ""
+    return f"{FLOOR}{suffix}", f"peft_lora{suffix}", (f"mtpeft_lora_compiled{suffix}", f"mtpeft_lora{suffix}")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Give each row its tokens/s over its table's floor, PEFT and mtpeft LoRA rows (``x_floor``, ``x_peft``,
+    ``x_mtpeft_lora``) and its peak memory over PEFT's (``x_peft_memory``), where those rows were measured."""
+    for kind in {r["kind"] for r in rows}:
+        by = {r["label"]: r for r in rows if r["kind"] == kind}
+        floor, peft, loras = references(kind)
+        lora = next((by[label] for label in loras if label in by), None)
+        for r in by.values():
+            for key, ref in (("x_floor", by.get(floor)), ("x_peft", by.get(peft)), ("x_mtpeft_lora", lora)):
+                if ref is not None:
+                    r[key] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if peft in by and "peak_mem_gib" in r and "peak_mem_gib" in by[peft]:
+                r["x_peft_memory"] = r["peak_mem_gib"] / by[peft]["peak_mem_gib"]
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """One entry per row that has a speed goal (rows carry their ratios: :func:`add_ratios`): mtpeft LoRA
+    >= GOAL_FLOOR x the floor (set for the compiled row), each multi-task method >= GOAL_LORA x mtpeft LoRA."""
+    out = []
+
+    def add(row, ratio, target, against, note=""):
+        met = ratio >= target
+        out.append({"row": row, "ratio": ratio, "target": target, "against": against, "met": met,
+                    "text": f"{row}: {ratio:.3f}x {against} (goal >= {target}){note}: {'met' if met else 'NOT met'}"})
+
+    for kind in ("train", "train_masked"):
+        by = {r["label"]: r for r in rows if r["kind"] == kind}
+        floor, _, loras = references(kind)
+        lora = next((label for label in loras if label in by), None)
+        if lora is not None and "x_floor" in by[lora]:
+            add(lora, by[lora]["x_floor"], GOAL_FLOOR, floor,
+                "" if "compiled" in lora else " [eager; the goal is for the compiled row: --compile]")
+        for label, r in by.items():
+            if label.startswith("mtpeft_") and not label.startswith("mtpeft_lora") and "x_mtpeft_lora" in r:
+                add(label, r["x_mtpeft_lora"], GOAL_LORA, lora)
+    return out
+
+
+def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
     lines = [f"# Throughput: {meta['shape']} on {meta['device_name']}", "",
              f"Command: `{meta['command']}`", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, mtpeft "
              f"{meta['mtpeft']}; dtype {meta['dtype']}, batch {meta['batch']} x seq {meta['seq']} (inference seq "
              f"{meta['infer_seq']}), rank {meta['rank']} on all seven projections, {meta['steps']} timed steps "
-             f"after {meta['warmup']} warm-up.", ""]
+             f"after {meta['warmup']} warm-up.", "",
+             f"`{FLOOR}` is the frozen-base floor: the base model without adapters, eager, forward and backward to "
+             "the activations (the input embeddings' output requires grad; no weight gradients, no optimizer), "
+             "with the mtpeft rows' loss head. `x floor` is each row's tokens/s over it (inference: over the "
+             "plain base model's forward, `merged_or_base`).", ""]
     fraction = next((r["label_fraction"] for r in rows if "label_fraction" in r), None)
-    sections = [("train", "peft_lora", "train", ""),
-                ("train_masked", "peft_lora_masked", f"train, prompt-masked SFT (labels on the last "
-                 f"{round(100 * (fraction or 0))}% of positions)",
+    sections = [("train", "train", ""),
+                ("train_masked", f"train, prompt-masked SFT (labels on the last {round(100 * (fraction or 0))}% "
+                 "of positions)",
                  "Every row gets the same labels; PEFT computes logits at every position (the model's own "
                  "loss), mtpeft's label-only loss head at labelled positions only. tokens/s counts all input "
                  "tokens."),
-                ("inference", "peft_adapter_names_mixed", "inference", "")]
-    for kind, ref_label, title, note in sections:
+                ("inference", "inference", "")]
+    for kind, title, note in sections:
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
             continue
-        ref = next((r for r in sel if r["label"] == ref_label), None)
-        suffix = "_masked" if kind == "train_masked" else ""
-        lora = next((r for r in sel if r["label"] == f"mtpeft_lora_compiled{suffix}"), None) or \
-            next((r for r in sel if r["label"] == f"mtpeft_lora{suffix}"), None)
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
-        lines += ["| row | tokens/s | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |", "|---|---|---|---|---|---|"]
+        lines += ["| row | tokens/s | x floor | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sel:
-            x_peft = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
-            x_lora = f"{r['tokens_per_s'] / lora['tokens_per_s']:.2f}" if lora and kind != "inference" else "-"
-            mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-            x_mem = (f"{r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}" if ref and "peak_mem_gib" in r
-                     and "peak_mem_gib" in ref else "-")
-            lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {x_peft} | {x_lora} | {mem} | {x_mem} |")
+            cells = [f"{r[k]:.2f}" if k in r else "-"
+                     for k in ("x_floor", "x_peft", "x_mtpeft_lora", "peak_mem_gib", "x_peft_memory")]
+            lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {' | '.join(cells)} |")
         lines.append("")
+    if goal_rows:
+        lines += ["## goals", ""] + [f"- {g['text']}" for g in goal_rows] + [""]
     lines += ["Multi-task rows: 8 tasks, one per sample (Align-LoRA: two samples per task, since its loss "
               "compares tasks pairwise and is 0 with one sample per task).", ""]
     if meta["device"] == "cpu":
@@ -310,12 +383,14 @@ def main(argv=None) -> int:
     rows = training_rows(args)
     if not args.no_inference:
         rows += inference_rows(args)
-    text = markdown(rows, meta)
+    add_ratios(rows)
+    goal_rows = goals(rows)
+    text = markdown(rows, meta, goal_rows)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": goal_rows}, indent=2))
         (out / "results.md").write_text(text)
     return 0
 

@@ -188,3 +188,19 @@ def test_malformed_data_line_names_file_and_line(tmp_path, tiny_model_dir):
     assert proc.returncode == 2
     assert f"{bad}" in out and "line 7" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_train_compile_is_opt_in_and_compiles_the_decoder_for_training(tmp_path, tiny_model_dir, monkeypatch,
+                                                                        compile_):
+    from mtpeft.model import MTModel
+    from mtpeft.training.run_config import run_config_from_dict
+    from mtpeft.training.trainer import MultiTaskTrainer
+
+    calls = []
+    monkeypatch.setattr(MTModel, "compile", lambda self, **kw: calls.append(kw) or self)
+    data = toy_run_config(tmp_path, tiny_model_dir, steps=1)
+    assert run_config_from_dict(data).train.compile is False  # the default
+    data["train"]["compile"] = compile_
+    MultiTaskTrainer(run_config_from_dict(data), progress=False)
+    assert calls == ([{}] if compile_ else [])

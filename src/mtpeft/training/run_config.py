@@ -113,6 +113,9 @@ class TrainSection:
                             "accelerate launch each process takes its own GPU.", default=None)
     loss_chunk_size: int = _h("Causal LMs: compute the loss from labelled positions only, this many tokens of "
                               "logits at a time (0: the model's own full-logits loss).", default=1024)
+    compile: bool = _h("torch.compile the decoder for training (adapters included). Off by default: on CPU a cold "
+                       "compile costs minutes and pays back only after about 2,000 steps (benchmarks/README.md).",
+                       default=False)
     report_to: str | list[str] = _h("Experiment trackers, through accelerate: tensorboard, wandb, mlflow, comet_ml, "
                                     "aim, clearml, dvclive, swanlab, trackio, or 'all' (every installed one); local "
                                     "ones write to <output_dir>/tracking. [] or 'none': off.", default_factory=list)

@@ -37,8 +37,8 @@ __all__ = ["RESUMABLE_KEYS", "RUN_OUTPUTS", "RunFolder", "open_run_folder", "rel
 #: Keys a resumed run may change (where it writes, how often it logs and saves, how far it trains, where it runs,
 #: how it evaluates); any other change is refused by ``--resume``.
 RESUMABLE_KEYS = ("output_dir", "name", "train.steps", "train.log_every", "train.eval_every", "train.save_every",
-                  "train.keep_checkpoints", "train.device", "train.report_to", "data.root", "data.max_eval_per_task",
-                  "eval.")
+                  "train.keep_checkpoints", "train.device", "train.compile", "train.report_to", "data.root",
+                  "data.max_eval_per_task", "eval.")
 #: What ``mtpeft train`` writes into a run folder (``--overwrite`` removes these and nothing else).
 RUN_OUTPUTS = ("checkpoints", "adapter", "eval", "analysis", "plots", "tracking", "metrics.jsonl", "summary.json")
 

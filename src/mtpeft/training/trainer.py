@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import set_seed
 
 from ..core import distributed
 from ..data.collator import MultiTaskCollator, use_chat_template
@@ -103,9 +103,7 @@ class MultiTaskTrainer:
         self.tasks, self.lengths = screen_lengths(tasks, self.tokenizer, cfg.data.max_length, cfg.data.truncation)
         self.task_names = [spec.name for spec, _ in self.tasks]
         method_cfg = method_config_for(cfg, self.task_names)  # fail before the model is loaded
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
+        set_seed(cfg.train.seed)  # python, numpy and torch
         if model is None:
             base = base_model if base_model is not None else load_run_base_model(cfg.model)
             model = get_mt_model(base, method_cfg)
@@ -113,6 +111,8 @@ class MultiTaskTrainer:
         self.model.loss_chunk_size = cfg.train.loss_chunk_size
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if cfg.train.compile:
+            self.model.compile()
         self.collator = MultiTaskCollator(self.tokenizer, self.task_names, max_length=cfg.data.max_length,
                                           truncation=cfg.data.truncation, packing=cfg.data.packing)
         self.sampler = MixtureSampler([len(d.train) for _, d in self.tasks], cfg.train.batch_size,
