@@ -1,4 +1,5 @@
-"""Multi-task diagnostics: gradient conflict, spectral alignment, layer similarity, subspace overlap, routers.
+"""Multi-task diagnostics: gradient conflict, spectral alignment, layer similarity, subspace overlap, routers,
+adapter-space task alignment.
 
 Python API::
 
@@ -8,10 +9,18 @@ Python API::
 
 Each diagnostic is a :class:`Diagnostic` (a table, JSON data and a plot); the building blocks
 (:func:`gradient_conflict`, :func:`spectral_alignment`, :func:`layer_similarity`, :func:`subspace_overlap`,
-:func:`routing_stats`...) work on plain tensors too. Command line: ``mtpeft analyze RUN_DIR``.
+:func:`routing_stats`, :func:`task_mmd`...) work on plain tensors too. Command line: ``mtpeft analyze RUN_DIR``.
 """
 
 from ..runs import load_run
+from .alignment import (
+    AdapterFeatures,
+    adapter_alignment,
+    alignment_stats,
+    collect_adapter_features,
+    mean_distance_ratio,
+    task_mmd,
+)
 from .api import DIAGNOSTICS, analyze_model, analyze_run, check_diagnostics, write_analysis
 from .common import Diagnostic, task_batches
 from .gradients import TaskGradients, collect_task_gradients, cosine, gradient_conflict
@@ -35,12 +44,16 @@ from .subspace import (
 
 __all__ = [
     "DIAGNOSTICS",
+    "AdapterFeatures",
     "Diagnostic",
     "TaskGradients",
+    "adapter_alignment",
     "alignment_numbers",
+    "alignment_stats",
     "analyze_model",
     "analyze_run",
     "check_diagnostics",
+    "collect_adapter_features",
     "collect_routing",
     "collect_task_gradients",
     "cosine",
@@ -48,6 +61,7 @@ __all__ = [
     "gradient_conflict",
     "layer_similarity",
     "load_run",
+    "mean_distance_ratio",
     "mean_routing_stats",
     "principal_angles",
     "router_diagnostic",
@@ -58,6 +72,7 @@ __all__ = [
     "task_batches",
     "task_gate_usage",
     "task_matrices",
+    "task_mmd",
     "task_mean_hidden_states",
     "task_subspace_overlap",
     "thanora_blocks",

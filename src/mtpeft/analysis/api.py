@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..runs import load_run
+from .alignment import adapter_alignment
 from .common import BatchesByTask, Diagnostic, task_batches
 from .gradients import collect_task_gradients, gradient_conflict
 from .routers import router_diagnostic
@@ -25,6 +26,7 @@ DIAGNOSTICS: tuple[str, ...] = (
     "layer_similarity",
     "subspace_overlap",
     "router_usage",
+    "alignment",
 )
 
 
@@ -79,6 +81,8 @@ def analyze_model(
             out.append(task_subspace_overlap(model, matrices, top_k, sources))
         elif name == "router_usage":
             out.append(router_diagnostic(model, batches))
+        elif name == "alignment":
+            out.append(adapter_alignment(model, batches))
     return out
 
 

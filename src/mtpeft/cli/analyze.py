@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import UsageError
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``analyze`` subcommand."""
@@ -12,8 +14,9 @@ def add_parser(subparsers: Any) -> None:
         "analyze",
         help="Multi-task diagnostics of a finished run (writes RUN_DIR/analysis/).",
         description="Gradient conflict between tasks per layer, spectral alignment of task updates, "
-        "per-layer similarity of task representations, overlap between task subspaces (ThanoRA blocks) "
-        "and router usage/entropy, each as a Markdown table, JSON and a PNG plot.",
+        "per-layer similarity of task representations, overlap between task subspaces (ThanoRA blocks), "
+        "router usage/entropy and adapter-space task alignment (the MMD of z = A x between tasks), each as a "
+        "Markdown table, JSON and a PNG plot.",
     )
     p.add_argument("run_dir", help="A run folder written by `mtpeft train` (or a bench run's run/ folder).")
     p.add_argument("--out", default=None, help="Output folder (default: RUN_DIR/analysis).")
@@ -21,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
         "--diagnostics",
         default=None,
         help="Comma-separated subset of gradient_conflict, spectral_alignment, layer_similarity, "
-        "subspace_overlap, router_usage (default: all).",
+        "subspace_overlap, router_usage, alignment (default: all).",
     )
     p.add_argument("--batches", type=int, default=2, help="Batches per task. (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="Examples per batch. (default: %(default)s)")
@@ -47,6 +50,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--max-tasks", type=int, default=None, help="Only the first N tasks of the run.")
     p.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice).")
     p.set_defaults(func=run)
 
 
@@ -54,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
     """Compute the multi-task diagnostics of a finished run."""
     from ..analysis import analyze_run
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = analyze_run(
         args.run_dir,
         args.out,
