@@ -288,7 +288,7 @@ def test_remote_code_from_a_run_folder_needs_the_flag(trained_run, tmp_path, cap
     cfg["model"]["trust_remote_code"] = True
     (run / "run_config.yaml").write_text(yaml.safe_dump(cfg))
     for argv in (["eval", str(run)], ["predict", str(run), "--task", "copy", "Hi"],
-                 ["export", str(run), "--task", "copy", "--out", str(tmp_path / "e")]):
+                 ["export", str(run), "--task", "copy", "--out", str(tmp_path / "e")], ["analyze", str(run)]):
         assert main(argv + ["--quiet"] if argv[0] == "eval" else argv) == 2
         assert "--trust-remote-code" in _error(capsys)
     assert main(["predict", str(run), "--task", "copy", "Hi", "--trust-remote-code"]) == 0

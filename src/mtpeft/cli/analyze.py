@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from ..errors import UsageError
+from .checks import check_remote_code
+from .options import add_trust_remote_code_option
 
 
 def add_parser(subparsers: Any) -> None:
@@ -52,6 +54,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice).")
+    add_trust_remote_code_option(p)
     p.set_defaults(func=run)
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Compute the multi-task diagnostics of a finished run."""
     from ..analysis import analyze_run
 
+    check_remote_code(args.run_dir, args.trust_remote_code)
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
