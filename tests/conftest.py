@@ -146,3 +146,12 @@ def accelerate_launch_env(config_file: Path) -> dict[str, str]:
     else:
         env = prepare_multi_gpu_env(args)
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread (and much faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,15 +27,6 @@ from mtpeft.analysis import (
 from mtpeft.analysis.subspace import overlap_table
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batches(tasks: list[str], n: int = 1) -> dict[str, list[dict[str, torch.Tensor]]]:
     out = {}
     for t, name in enumerate(tasks):

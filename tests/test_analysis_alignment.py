@@ -23,14 +23,6 @@ from mtpeft.methods.align_lora import MMD_BANDWIDTHS, alignment_loss
 VOCAB = 97
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _task_batch(task: int, seed: int, batch: int = 6, seq: int = 8) -> dict[str, torch.Tensor]:
     """Task 0 draws tokens from the lower half of the vocabulary, task 1 from the upper half (distinct inputs, so

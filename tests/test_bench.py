@@ -28,16 +28,6 @@ from mtpeft.bench.suites import QUICK_BBH_TASKS, SuiteSetting
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- suites ------------------------------------------------------------------------------------------
 def test_builtin_suites() -> None:

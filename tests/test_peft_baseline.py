@@ -22,14 +22,6 @@ from mtpeft.registry import config_from_dict
 from mtpeft.training.run_config import method_config_for, run_config_from_dict
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("spec", [
     {},  # all-linear
     {"layers_to_transform": [1]},  # what the bench's top_layers becomes
