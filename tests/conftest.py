@@ -155,3 +155,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def interrupt_at_draw(trainer, draw_number: int) -> None:
+    """Make ``trainer`` raise KeyboardInterrupt (a Ctrl-C) when it draws its ``draw_number``-th batch."""
+    draw, calls = trainer.sampler.next_batch, []
+
+    def next_batch():
+        calls.append(1)
+        if len(calls) == draw_number:
+            raise KeyboardInterrupt
+        return draw()
+
+    trainer.sampler.next_batch = next_batch

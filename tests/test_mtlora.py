@@ -366,7 +366,7 @@ def test_paper_preset_and_explicit_keys_override_it():
 def test_spectral_firings_before_an_interruption_stay_counted_after_resume(tmp_path, tiny_model_dir):
     import json
 
-    from conftest import toy_run_config
+    from conftest import interrupt_at_draw, toy_run_config
 
     from mtpeft.training.run_config import run_config_from_dict
     from mtpeft.training.trainer import MultiTaskTrainer, TrainingError, train
@@ -379,15 +379,7 @@ def test_spectral_firings_before_an_interruption_stay_counted_after_resume(tmp_p
         return run_config_from_dict(data)
 
     trainer = MultiTaskTrainer(config(), progress=False)
-    draw, calls = trainer.sampler.next_batch, []
-
-    def next_batch():  # Ctrl-C while step 7 draws its batch: the firing and checkpoint 6 are behind it
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return draw()
-
-    trainer.sampler.next_batch = next_batch
+    interrupt_at_draw(trainer, 7)  # Ctrl-C while step 7 draws its batch: the firing and checkpoint 6 are behind it
     with pytest.raises(TrainingError, match="interrupted at step 6"):
         trainer.train()
     train(config(), resume=True, progress=False)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_adapters, tiny_model, toy_run_config
+from conftest import interrupt_at_draw, perturb_adapters, tiny_model, toy_run_config
 from test_data_collator import char_tokenizer
 
 import mtpeft.model
@@ -334,15 +334,7 @@ def test_resume_of_a_packed_run_equals_the_uninterrupted_run_exactly(tmp_path, t
 
     full = train(config("full"), progress=False)
     trainer = MultiTaskTrainer(config("part"), progress=False)
-    draw, calls = trainer.sampler.next_batch, []
-
-    def next_batch():  # Ctrl-C while step 3 draws its batch, after checkpoint 2
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return draw()
-
-    trainer.sampler.next_batch = next_batch
+    interrupt_at_draw(trainer, 3)  # Ctrl-C while step 3 draws its batch, after checkpoint 2
     with pytest.raises(TrainingError, match="interrupted at step 2"):
         trainer.train()
     resumed = train(config("part"), resume=True, progress=False)
