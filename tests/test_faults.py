@@ -276,9 +276,12 @@ def test_sigkill_inside_a_training_step(tmp_path, tiny_model_dir, reference, poi
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    # The child starts with Ctrl-C at its default, as from a terminal: a disposition of SIGINT that something
+    # else in the test process set (an ignored SIGINT is inherited across exec) must not decide the test.
     return subprocess.Popen([sys.executable, "-m", "mtpeft.cli", *args], cwd=REPO,
                             env={**os.environ, **ONE_THREAD, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 240) -> None:
@@ -324,7 +327,8 @@ def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path, tiny_model_dir, 
     _wait_for_step(proc, run, after_step)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out  # 128 + SIGINT: `error: interrupted at step N; checkpoint saved ...`
+    # 128 + SIGINT: `error: interrupted at step N; checkpoint saved ...`
+    assert proc.returncode == 130, f"{out}\n(SIGINT in the test process: {signal.getsignal(signal.SIGINT)})"
     assert "Traceback" not in out, out
     assert "interrupted at step" in out, out
     stopped = int(out.split("interrupted at step", 1)[1].split(";", 1)[0])
