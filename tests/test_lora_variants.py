@@ -176,3 +176,27 @@ def test_align_lora_starts_from_pissa_and_merges_exactly():
     model.eval()
     expected = logits(model, ids, mask)
     torch.testing.assert_close(logits(model.merge_and_unload(), ids, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_truncated_export_reports_the_error_peft_sees(tmp_path):
+    """A rank-truncated DoRA export changes the row norms that the magnitude divides by, not only B A: the reported
+    error is that of the weights PEFT builds from the export, per module."""
+    from peft import PeftModel
+
+    base = tiny_model("llama")
+    ours = mtpeft.get_mt_model(copy.deepcopy(base), mtpeft.LoRAConfig(r=4, alpha=8, target_modules=TARGETS,
+                                                                        use_dora=True))
+    perturb_adapters(ours, std=0.3)
+    report = ours.export_peft(tmp_path / "export", rank=2)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "export")).merge_and_unload()
+    base_weights = dict(base.named_parameters())
+    loaded_weights = dict(loaded.named_parameters())
+    seen = {}
+    for name, layer in ours.adapter_layers.items():
+        with torch.no_grad():
+            true = layer.delta_weight().double()
+        exported = (loaded_weights[f"{name}.weight"] - base_weights[f"{name}.weight"]).detach().double()
+        seen[name] = float(torch.linalg.norm(exported - true) / torch.linalg.norm(true))
+        assert report["module_errors"][name] == pytest.approx(seen[name], rel=1e-3, abs=1e-6)
+    assert report["relative_error"] == pytest.approx(max(seen.values()), rel=1e-3)
+    assert report["relative_error"] > 0.01

@@ -9,6 +9,7 @@ traceback). Nothing in the library imports this package.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -57,6 +58,9 @@ def one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtpeft`` command."""
     args = build_parser().parse_args(argv)
+    # bitsandbytes (imported by PEFT when installed) warns at import on CPUs with AVX512-BF16 that an optional
+    # 4-bit CPU kernel package is missing, in every command, quantized or not; its own fallback runs instead
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except TrainingInterrupted as exc:  # 128 + SIGINT, as shells report an interrupted command

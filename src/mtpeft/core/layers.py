@@ -124,7 +124,11 @@ class LinearAdapter(AdapterLayer):
 
     def delta_weight(self, task: int | None = None) -> torch.Tensor:
         """The weight update (d_out x d_in) that this adapter adds for ``task``."""
-        a, b = self.lora_factors(task)
+        return self.delta_from_factors(*self.lora_factors(task))
+
+    def delta_from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The weight update that a PEFT LoRA export of factors (A, B with the scale folded in) gives this layer:
+        B A here; a layer whose export carries more than the factors (DoRA's magnitude) overrides it."""
         return b @ a
 
     def base_weight(self) -> torch.Tensor:

@@ -219,6 +219,24 @@ def _run(model: nn.Module, batches: list[dict[str, Any]], tid: int | None, token
     return seen
 
 
+def _truncated_exact_factors(model: nn.Module, task: int | str | None, rank: int) -> tuple[Factors, dict[str, Any]]:
+    """A mergeable method's exact factors truncated to ``rank`` by SVD, and the worst relative Frobenius error of
+    the weight update the truncated export gives each layer (through ``delta_from_factors``, so that DoRA's
+    magnitude renormalization after truncation is counted, not only the lost singular values of B A)."""
+    exact = model.lora_factors(task)
+    factors, _ = truncate_factors(exact, rank)
+    module_errors: dict[str, float] = {}
+    with torch.no_grad():
+        for name, (a, b) in exact.items():
+            delta_of = model.adapter_layers[name].delta_from_factors  # a LinearAdapter (MTModel.lora_factors)
+            true = delta_of(a.double(), b.double()).double()
+            approx = delta_of(*(f.double() for f in factors[name])).double()
+            norm = float(torch.linalg.norm(true))
+            module_errors[name] = float(torch.linalg.norm(approx - true)) / norm if norm > 0 else 0.0
+    worst = max(module_errors.values(), default=0.0)
+    return factors, {"exact": False, "rank": rank, "relative_error": worst, "module_errors": module_errors}
+
+
 def approximate_factors(model: nn.Module, task: int | str | None, rank: int,
                         calibration: Iterable[dict[str, Any]] | None, *, ridge: float = 1e-6,
                         modules_per_pass: int | None = None) -> tuple[Factors, dict[str, Any]]:
@@ -233,8 +251,7 @@ def approximate_factors(model: nn.Module, task: int | str | None, rank: int,
     each), at the price of more passes over the calibration data.
     """
     if model.merge_kind != "none":  # exact per-task / global factors exist: use them, truncated
-        factors, err = truncate_factors(model.lora_factors(task), rank)
-        return factors, {"exact": False, "rank": rank, "relative_error": err}
+        return _truncated_exact_factors(model, task, rank)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tokens = _Tokens()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -86,7 +87,12 @@ def check_peft_export(model: nn.Module, folder: str | os.PathLike, task_id: int 
     try:
         with torch.no_grad():
             ref = _logits(model(**batch, task_ids=task_ids))
-            got = _logits(PeftModel.from_pretrained(base, str(folder)).eval()(**batch))
+            with warnings.catch_warnings():
+                # PEFT (0.21) reads transformers' deprecated is_gradient_checkpointing while it loads: not the
+                # user's code, and not something they can act on
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+            got = _logits(loaded(**batch))
     finally:
         model.train(was_training)
     if ref is None or got is None:

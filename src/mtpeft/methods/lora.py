@@ -98,9 +98,10 @@ class LoRALinear(LinearAdapter):
             out = add_low_rank(out, F.linear(x.to(self.init_A.dtype), self.init_A), self.init_B.t(), -self.scale)
         return add_low_rank(out, self.down(x), self.lora_B.t(), self.scale)
 
-    def _dora_magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """m / ||W0 + s B A||_row, the norm detached (DoRA section 4.3)."""
-        norm = torch.linalg.norm(weight + self.scale * (self.lora_B @ self.lora_A), dim=1).detach()
+    def _dora_magnitude_scale(self, weight: torch.Tensor, update: torch.Tensor | None = None) -> torch.Tensor:
+        """m / ||W0 + s B A||_row, the norm detached (DoRA section 4.3); ``update`` stands for s B A if given."""
+        update = self.scale * (self.lora_B @ self.lora_A) if update is None else update
+        norm = torch.linalg.norm(weight + update, dim=1).detach()
         return self.lora_magnitude_vector / norm
 
     def _dora_output(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -121,19 +122,20 @@ class LoRALinear(LinearAdapter):
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s B); with PiSSA/OLoRA (``[A; A0]``, ``[s B, -s B0]``). For DoRA these are the factors its PEFT
-        export writes beside the magnitude; the weight update itself is :meth:`delta_weight`."""
+        export writes beside the magnitude; the weight update itself is :meth:`delta_from_factors` of them."""
         if self.init_A is None:
             return self.lora_A, self.lora_B * self.scale
         return (torch.cat([self.lora_A, self.init_A], dim=0),
                 torch.cat([self.lora_B * self.scale, -self.init_B * self.scale], dim=1))
 
-    def delta_weight(self, task: int | None = None) -> torch.Tensor:
-        """The weight update (d_out x d_in); for DoRA m/||W0 + s B A||_row (W0 + s B A) - W0."""
+    def delta_from_factors(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """With DoRA the magnitude renormalizes the rows: m/||W0 + B A||_row (W0 + B A) - W0, as PEFT computes it
+        from exported factors (a rank-truncated export changes the norm too, not only B A)."""
         if not self.use_dora:
-            return super().delta_weight(task)
+            return super().delta_from_factors(a, b)
         weight = self.base_weight().to(self.lora_A.dtype)
-        adapted = weight + self.scale * (self.lora_B @ self.lora_A)
-        return self._dora_magnitude_scale(weight)[:, None] * adapted - weight
+        update = b.to(weight.dtype) @ a.to(weight.dtype)
+        return self._dora_magnitude_scale(weight, update)[:, None] * (weight + update) - weight
 
     def peft_extras(self) -> tuple[dict, dict[str, torch.Tensor]]:
         options, tensors = super().peft_extras()
