@@ -187,12 +187,12 @@ def training_rows(args) -> list[dict]:
     if 0 < args.label_fraction < 1:
         rows += lora_rows(args, args.label_fraction)
     suffix = "_compiled" if args.compile else ""
-    for method, extra in [("align_lora", {}), ("thanora", {}), ("mtl_lora", {}),
-                          ("hydralora", {"num_experts": 8}), ("moe_lora", {"num_experts": 4}),
-                          ("mtlora", {"num_experts": 8, "routing_group_size": None, "block_type": "component"})]:
+    # every method at its own defaults but for the shared rank, alpha and targets: what a user runs (mtLoRA's
+    # default block adapters ignore target_modules)
+    for method in ("align_lora", "thanora", "mtl_lora", "hydralora", "moe_lora", "mtlora"):
         if args.methods and method not in args.methods:
             continue
-        model = mt_model(args, method, **extra)
+        model = mt_model(args, method)
         if args.compile:
             model.compile()
         model.train()
@@ -326,7 +326,9 @@ def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
     if goal_rows:
         lines += ["## goals", ""] + [f"- {g['text']}" for g in goal_rows] + [""]
     lines += ["Multi-task rows: 8 tasks, one per sample (Align-LoRA: two samples per task, since its loss "
-              "compares tasks pairwise and is 0 with one sample per task).", ""]
+              "compares tasks pairwise and is 0 with one sample per task); every method at its defaults but for "
+              "the rank, alpha and targets (mtLoRA: its default block adapters around each MLP, which ignore "
+              "the targets).", ""]
     if meta["device"] == "cpu":
         lines.append("CPU peak memory is the process's peak RSS so far (monotone over rows), not per row.")
         lines += ["", "CPU timings depend on the allocator: glibc malloc serves each block over 32 MiB "
