@@ -232,6 +232,33 @@ def test_batched_generation_equals_unbatched(tok, tiny_llama) -> None:  # noqa: 
     assert all(len(p) <= 6 for p in batched)
 
 
+def test_generation_stops_at_the_stop_string_with_the_same_answers(tok, tiny_llama, monkeypatch) -> None:  # noqa: ANN001
+    """Rows end once they hold a stop string, and the batch once all have: the answers equal those of generating
+    to the token budget and cutting, in fewer new tokens."""
+    from mtpeft.evaluation import generation
+
+    exs = [Example("t", p, " x") for p in ["a", "hello there", "abc", "a much longer prompt here"]]
+    budget = 40
+    to_budget = [generate_predictions(tiny_llama, tok, [e], 0, batch_size=1, max_new_tokens=budget)[0] for e in exs]
+    # the third character of every row's continuation as the stop strings: each row holds one within 3 tokens
+    stop = sorted({text[2] for text in to_budget if len(text) > 2})
+    assert stop, to_budget
+    widths = []
+    real_generate = tiny_llama.generate
+
+    def spy(**kw):  # noqa: ANN003, ANN202
+        out = real_generate(**kw)
+        widths.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(tiny_llama, "generate", spy)
+    early = generate_predictions(tiny_llama, tok, exs, 0, batch_size=4, max_new_tokens=budget, stop=stop)
+    monkeypatch.setattr(generation, "early_stop_kwargs", lambda tokenizer, stop: {})
+    late = generate_predictions(tiny_llama, tok, exs, 0, batch_size=4, max_new_tokens=budget, stop=stop)
+    assert early == late
+    assert widths[0] < widths[1] == budget
+
+
 def test_option_scores_match_manual_forward(tok, tiny_llama) -> None:  # noqa: ANN001
     exs = [
         Example("t", "Is it?", " yes", ["no", "yes"], "yes", option_targets=[" no", " yes"]),

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data.collator import encode_prompts, eos_token_id
-    from ..evaluation.generation import cut_at_stop, cut_at_stop_strings
+    from ..evaluation.generation import cut_at_stop, cut_at_stop_strings, early_stop_kwargs
 
     empty = [i for i, text in enumerate(args.text, 1) if not text.strip()]
     if empty:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     stop = _stop_strings(cfg, args.task or (model.tasks[0] if len(model.tasks) == 1 else None))
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=ids,
                          max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, **early_stop_kwargs(tokenizer, stop))
     for text, row in zip(args.text, out[:, batch["input_ids"].shape[1]:]):
         answer = cut_at_stop_strings(tokenizer.decode(cut_at_stop(row.tolist(), {eos}), skip_special_tokens=True), stop)
         print(f"{text!r} -> {answer.strip()!r}")

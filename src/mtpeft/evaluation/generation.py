@@ -12,7 +12,7 @@ from ..data.collator import encode_prompts, eos_token_id, pad_token_id
 from ..data.spec import Example
 from .batching import length_sorted_batches, model_device
 
-__all__ = ["cut_at_stop_strings", "generate_predictions"]
+__all__ = ["cut_at_stop_strings", "early_stop_kwargs", "generate_predictions"]
 
 
 def cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:
@@ -32,6 +32,14 @@ def cut_at_stop_strings(text: str, stop: Sequence[str]) -> str:
     return text
 
 
+def early_stop_kwargs(tokenizer: Any, stop: Sequence[str]) -> dict[str, Any]:
+    """``generate`` arguments that end a row once its continuation holds a stop string (transformers'
+    ``stop_strings``), and the batch once every row has ended, instead of running every row to the token budget.
+    The answers do not change: greedy tokens before the stop are the same, and the text is cut at it anyway."""
+    strings = [s for s in stop if s]
+    return {"stop_strings": strings, "tokenizer": tokenizer} if strings else {}
+
+
 @torch.no_grad()
 def generate_predictions(
     model: Any,
@@ -48,7 +56,8 @@ def generate_predictions(
 ) -> list[str]:
     """Greedy-decode a continuation for each example's prompt (batched, left-padded).
 
-    Generations are cut at the first EOS id, only the new tokens are decoded (special tokens skipped), and the
+    A row stops generating at EOS or once it holds a stop string (:func:`early_stop_kwargs`). Generations are cut
+    at the first EOS id, only the new tokens are decoded (special tokens skipped), and the
     text is cut before the stop strings (:func:`cut_at_stop_strings`; e.g. ``["\\n"]``, see
     :meth:`~mtpeft.data.spec.TaskSpec.resolved_stop`). Examples are batched by similar prompt length; the output
     follows the input order.
@@ -70,6 +79,7 @@ def generate_predictions(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=eos,
+            **early_stop_kwargs(tokenizer, stop),
         )
         sequences = gen.sequences if hasattr(gen, "sequences") else gen
         new = sequences[:, input_ids.shape[1] :].tolist()
