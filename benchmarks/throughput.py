@@ -22,7 +22,7 @@ import gc
 import json
 import os
 import platform
-import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,17 +65,8 @@ def base_model(args):
     return model
 
 
-def peak_memory(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (GiB), monotone
-
-
-def reset_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def tensor_gib(model) -> float:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**30
 
 
 def sync(device: str) -> None:
@@ -83,15 +74,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, args) -> float:
-    for _ in range(args.warmup):
-        step()
-    sync(args.device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(args.device)
-    return (time.perf_counter() - t) / args.steps
+def time_rows(rows: list[dict], args) -> None:
+    """Time every row's step interleaved: first each row's warm-up (where a compiled row compiles, and a GPU row's
+    peak memory is taken: its own weights plus the peak of what its steps allocate over the resident models), then
+    ``--repeats`` rounds of ``--steps`` steps of every row in turn. A row's step time is its median over the
+    rounds, so a change in machine load (a shared CPU) moves every row alike rather than the rows run then."""
+    gpu = args.device == "cuda"
+    for row in rows:
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        for _ in range(args.warmup):
+            row["_step"]()
+        sync(args.device)
+        if gpu:
+            row["peak_mem_gib"] = row["_weights_gib"] + (torch.cuda.max_memory_allocated() - before) / 2**30
+    seconds: list[list[float]] = [[] for _ in rows]
+    for _ in range(args.repeats):
+        for row, times in zip(rows, seconds):
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                row["_step"]()
+            sync(args.device)
+            times.append((time.perf_counter() - start) / args.steps)
+    for row, times in zip(rows, seconds):
+        dt = statistics.median(times)
+        del row["_step"], row["_weights_gib"]
+        row.update({"tokens_per_s": row.pop("_tokens") / dt, "step_ms": dt * 1e3,
+                    "step_ms_rounds": [t * 1e3 for t in times]})
+        print(json.dumps(row), flush=True)
 
 
 def batch_labels(x: torch.Tensor, label_fraction: float) -> torch.Tensor:
@@ -110,7 +124,6 @@ def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     labels = batch_labels(x, label_fraction)
     kwargs = {} if task_ids is None else {"task_ids": task_ids}
-    reset_memory(args.device)
 
     def step():
         out = model(input_ids=x, labels=labels, **kwargs)
@@ -119,13 +132,11 @@ def train_row(label: str, model, args, task_ids=None, label_fraction: float = 1.
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    dt = time_steps(step, args)
     row = {"kind": "train" if label_fraction == 1 else "train_masked", "label": label,
-           "tokens_per_s": args.batch * args.seq / dt, "step_ms": dt * 1e3,
-           "peak_mem_gib": peak_memory(args.device), "trainable": sum(p.numel() for p in params)}
+           "trainable": sum(p.numel() for p in params), "_step": step, "_tokens": args.batch * args.seq,
+           "_weights_gib": tensor_gib(model)}
     if label_fraction != 1:
         row["label_fraction"] = label_fraction
-    print(json.dumps(row), flush=True)
     return row
 
 
@@ -171,14 +182,11 @@ def lora_rows(args, label_fraction: float = 1.0) -> list[dict]:
         peft_model = get_peft_model(base_model(args), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                                  target_modules=PROJECTIONS, lora_dropout=0.0))
         rows.append(train_row(f"peft_lora{suffix}", peft_model, args, label_fraction=label_fraction))
-        del peft_model
     eager = mt_model(args, "lora", tasks=1)
     rows.append(train_row(f"mtpeft_lora{suffix}", eager, args, label_fraction=label_fraction))
-    del eager
     if args.compile:
         compiled = mt_model(args, "lora", tasks=1).compile()
         rows.append(train_row(f"mtpeft_lora_compiled{suffix}", compiled, args, label_fraction=label_fraction))
-        del compiled
     return rows
 
 
@@ -200,7 +208,6 @@ def training_rows(args) -> list[dict]:
         # 0 (and cheap), so its row gets two samples per task
         tasks = max(1, min(8, args.batch // 2)) if method == "align_lora" else 8
         rows.append(train_row(f"mtpeft_{method}{suffix}", model, args, task_ids=task_ids_for(args, tasks)))
-        del model
     return rows
 
 
@@ -214,32 +221,30 @@ def inference_rows(args) -> list[dict]:
     names = [f"t{i % tasks}" for i in range(args.batch)]
     tid = task_ids_for(args, tasks)
 
-    def measure(label, fn):
-        with torch.no_grad():
-            dt = time_steps(fn, args)
-        row = {"kind": "inference", "label": label, "tokens_per_s": args.batch * args.infer_seq / dt,
-               "step_ms": dt * 1e3}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    def measure(label, model, fn):
+        def step():
+            with torch.no_grad():
+                fn()
+
+        rows.append({"kind": "inference", "label": label, "_step": step, "_tokens": args.batch * args.infer_seq,
+                     "_weights_gib": tensor_gib(model)})
 
     base = base_model(args).eval()
-    measure("merged_or_base", lambda: base(input_ids=x))
+    measure("merged_or_base", base, lambda: base(input_ids=x))
     if not args.skip_peft:
         lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS, init_lora_weights=False)
         peft_model = get_peft_model(copy.deepcopy(base), lc, adapter_name="t0")
         for i in range(1, tasks):
             peft_model.add_adapter(f"t{i}", lc)
         peft_model.eval()
-        measure("peft_adapter_names_mixed", lambda: peft_model(input_ids=x, adapter_names=names))
-        del peft_model
+        measure("peft_adapter_names_mixed", peft_model, lambda: peft_model(input_ids=x, adapter_names=names))
     for method in ("mtl_lora", "moe_lora"):
         model = mtpeft.get_mt_model(copy.deepcopy(base), {"method": method, "tasks": [f"t{i}" for i in range(tasks)],
                                                           "r": args.rank, "target_modules": PROJECTIONS}).eval()
         if args.compile:
             model.compile()
-        measure(f"mtpeft_{method}_mixed{'_compiled' if args.compile else ''}",
+        measure(f"mtpeft_{method}_mixed{'_compiled' if args.compile else ''}", model,
                 lambda m=model: m(input_ids=x, task_ids=tid))
-        del model
     return rows
 
 
@@ -297,8 +302,9 @@ def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
              f"Command: `{meta['command']}`", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, mtpeft "
              f"{meta['mtpeft']}; dtype {meta['dtype']}, batch {meta['batch']} x seq {meta['seq']} (inference seq "
-             f"{meta['infer_seq']}), rank {meta['rank']} on all seven projections, {meta['steps']} timed steps "
-             f"after {meta['warmup']} warm-up.", "",
+             f"{meta['infer_seq']}), rank {meta['rank']} on all seven projections, {meta['repeats']} rounds of "
+             f"{meta['steps']} timed steps per row, the rows interleaved in each round (median over rounds), after "
+             f"{meta['warmup']} warm-up steps per row.", "",
              f"`{FLOOR}` is the frozen-base floor: the base model without adapters, eager, forward and backward to "
              "the activations (the input embeddings' output requires grad; no weight gradients, no optimizer), "
              "with the mtpeft rows' loss head. `x floor` is each row's tokens/s over it (inference: over the "
@@ -330,7 +336,8 @@ def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
               "the rank, alpha and targets (mtLoRA: its default block adapters around each MLP, which ignore "
               "the targets).", ""]
     if meta["device"] == "cpu":
-        lines.append("CPU peak memory is the process's peak RSS so far (monotone over rows), not per row.")
+        lines.append("No peak memory on the CPU: every row's model is resident at once, and the CPU allocator "
+                     "keeps no per-row statistics.")
         lines += ["", "CPU timings depend on the allocator: glibc malloc serves each block over 32 MiB "
                   "(batch x seq x vocab fp32 logits: PEFT here) by a fresh mmap whose pages fault on first touch, "
                   f"every step. Allocator environment of this run: {meta.get('allocator_env') or 'the defaults'}."]
@@ -346,7 +353,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--infer-seq", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over all rows (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loss-chunk", type=int, default=4096, help="label-only chunked loss (0: model's loss)")
     parser.add_argument("--label-fraction", type=float, default=0.5,
@@ -362,6 +370,7 @@ def main(argv=None) -> int:
     gpu = args.device == "cuda"
     if args.smoke:
         args.shape, args.batch, args.seq, args.infer_seq, args.steps, args.warmup = "smoke", 4, 16, 16, 1, 1
+        args.repeats = 1
     args.shape = args.shape or ("qwen2.5-0.5b" if gpu else "tiny-llama")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     args.batch = args.batch or (16 if gpu else 8)
@@ -379,12 +388,14 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "mtpeft": mtpeft.__version__, "dtype": str(args.dtype).replace("torch.", ""), "batch": args.batch,
             "seq": args.seq, "infer_seq": args.infer_seq, "rank": args.rank, "steps": args.steps,
-            "warmup": args.warmup, "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "repeats": args.repeats, "warmup": args.warmup,
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     print(json.dumps(meta), flush=True)
     rows = training_rows(args)
     if not args.no_inference:
         rows += inference_rows(args)
+    time_rows(rows, args)
     add_ratios(rows)
     goal_rows = goals(rows)
     text = markdown(rows, meta, goal_rows)

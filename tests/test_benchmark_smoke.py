@@ -68,3 +68,19 @@ def test_frozen_floor_backpropagates_to_activations_without_weight_grads(through
     # the floor's loss head is the model's own loss, from the labelled positions only
     with torch.no_grad():
         assert loss.item() == pytest.approx(model(input_ids=x, labels=labels).loss.item(), rel=1e-10)
+
+
+def test_rows_are_timed_interleaved_with_the_median_over_rounds(throughput, monkeypatch):
+    """Warm-up row by row, then every round runs each row's steps in turn: load that changes during the run falls
+    on every row alike. The reported step time is the median round."""
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: float(next(clock)))
+    rows = [{"label": name, "_step": (lambda name=name: calls.append(name)), "_tokens": 10, "_weights_gib": 0.0}
+            for name in ("a", "b")]
+    args = types.SimpleNamespace(device="cpu", warmup=1, repeats=3, steps=2)
+    throughput.time_rows(rows, args)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    for row in rows:  # the fake clock ticks once per read: every round takes 1 "second" for 2 steps
+        assert row["step_ms_rounds"] == [500.0] * 3 and row["tokens_per_s"] == 20.0
+        assert not any(key.startswith("_") for key in row)
