@@ -379,6 +379,10 @@ def main(argv=None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     if not gpu:
         torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.compile:
+        # dynamo keeps its compiled graphs per code object (the decoder's forward, shared by every model here),
+        # at most 8 by default: past that a compiled row would silently run eager
+        torch._dynamo.config.recompile_limit = 64
     import peft
     import transformers
 
