@@ -261,7 +261,8 @@ def references(kind: str) -> tuple[str, str, tuple[str, ...]]:
 
 def add_ratios(rows: list[dict]) -> None:
     """Give each row its tokens/s over its table's floor, PEFT and mtpeft LoRA rows (``x_floor``, ``x_peft``,
-    ``x_mtpeft_lora``) and its peak memory over PEFT's (``x_peft_memory``), where those rows were measured."""
+    ``x_mtpeft_lora``) and its peak memory over PEFT's (``x_peft_memory``), where those rows were measured; with
+    the ratio of every round (``x_floor_rounds``, ...: paired, the two rows ran in the same round)."""
     for kind in {r["kind"] for r in rows}:
         by = {r["label"]: r for r in rows if r["kind"] == kind}
         floor, peft, loras = references(kind)
@@ -270,6 +271,8 @@ def add_ratios(rows: list[dict]) -> None:
             for key, ref in (("x_floor", by.get(floor)), ("x_peft", by.get(peft)), ("x_mtpeft_lora", lora)):
                 if ref is not None:
                     r[key] = r["tokens_per_s"] / ref["tokens_per_s"]
+                    if len(r.get("step_ms_rounds", ())) > 1 and len(ref.get("step_ms_rounds", ())) > 1:
+                        r[f"{key}_rounds"] = [a / b for a, b in zip(ref["step_ms_rounds"], r["step_ms_rounds"])]
             if peft in by and "peak_mem_gib" in r and "peak_mem_gib" in by[peft]:
                 r["x_peft_memory"] = r["peak_mem_gib"] / by[peft]["peak_mem_gib"]
 
@@ -279,10 +282,12 @@ def goals(rows: list[dict]) -> list[dict]:
     >= GOAL_FLOOR x the floor (set for the compiled row), each multi-task method >= GOAL_LORA x mtpeft LoRA."""
     out = []
 
-    def add(row, ratio, target, against, note=""):
+    def add(row, ratio, target, against, note="", rounds=()):
         met = ratio >= target
+        spread = f", rounds {min(rounds):.2f}-{max(rounds):.2f}" if rounds else ""
         out.append({"row": row, "ratio": ratio, "target": target, "against": against, "met": met,
-                    "text": f"{row}: {ratio:.3f}x {against} (goal >= {target}){note}: {'met' if met else 'NOT met'}"})
+                    "text": f"{row}: {ratio:.3f}x {against}{spread} (goal >= {target}){note}: "
+                            f"{'met' if met else 'NOT met'}"})
 
     for kind in ("train", "train_masked"):
         by = {r["label"]: r for r in rows if r["kind"] == kind}
@@ -290,11 +295,17 @@ def goals(rows: list[dict]) -> list[dict]:
         lora = next((label for label in loras if label in by), None)
         if lora is not None and "x_floor" in by[lora]:
             add(lora, by[lora]["x_floor"], GOAL_FLOOR, floor,
-                "" if "compiled" in lora else " [eager; the goal is for the compiled row: --compile]")
+                "" if "compiled" in lora else " [eager; the goal is for the compiled row: --compile]",
+                by[lora].get("x_floor_rounds", ()))
         for label, r in by.items():
             if label.startswith("mtpeft_") and not label.startswith("mtpeft_lora") and "x_mtpeft_lora" in r:
-                add(label, r["x_mtpeft_lora"], GOAL_LORA, lora)
+                add(label, r["x_mtpeft_lora"], GOAL_LORA, lora, rounds=r.get("x_mtpeft_lora_rounds", ()))
     return out
+
+
+def round_range(ratios) -> str:
+    """' (lowest-highest)' of a row's paired per-round ratios; nothing for one round or a row against itself."""
+    return f" ({min(ratios):.2f}-{max(ratios):.2f})" if ratios and min(ratios) != max(ratios) else ""
 
 
 def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
@@ -308,7 +319,8 @@ def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
              f"`{FLOOR}` is the frozen-base floor: the base model without adapters, eager, forward and backward to "
              "the activations (the input embeddings' output requires grad; no weight gradients, no optimizer), "
              "with the mtpeft rows' loss head. `x floor` is each row's tokens/s over it (inference: over the "
-             "plain base model's forward, `merged_or_base`).", ""]
+             "plain base model's forward, `merged_or_base`). A ratio's parentheses give the lowest and highest of its "
+             "rounds' ratios (paired: both rows ran in the same round).", ""]
     fraction = next((r["label_fraction"] for r in rows if "label_fraction" in r), None)
     sections = [("train", "train", ""),
                 ("train_masked", f"train, prompt-masked SFT (labels on the last {round(100 * (fraction or 0))}% "
@@ -325,7 +337,7 @@ def markdown(rows: list[dict], meta: dict, goal_rows: list[dict]) -> str:
         lines += ["| row | tokens/s | x floor | x PEFT | x mtpeft LoRA | peak GiB | x PEFT memory |",
                   "|---|---|---|---|---|---|---|"]
         for r in sel:
-            cells = [f"{r[k]:.2f}" if k in r else "-"
+            cells = [f"{r[k]:.2f}{round_range(r.get(k + '_rounds', ()))}" if k in r else "-"
                      for k in ("x_floor", "x_peft", "x_mtpeft_lora", "peak_mem_gib", "x_peft_memory")]
             lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {' | '.join(cells)} |")
         lines.append("")

@@ -84,3 +84,13 @@ def test_rows_are_timed_interleaved_with_the_median_over_rounds(throughput, monk
     for row in rows:  # the fake clock ticks once per read: every round takes 1 "second" for 2 steps
         assert row["step_ms_rounds"] == [500.0] * 3 and row["tokens_per_s"] == 20.0
         assert not any(key.startswith("_") for key in row)
+
+
+def test_ratios_per_round_are_paired(throughput):
+    rows = [{"kind": "train", "label": "base_floor", "tokens_per_s": 10.0, "step_ms_rounds": [1.0, 2.0]},
+            {"kind": "train", "label": "mtpeft_lora_compiled", "tokens_per_s": 5.0, "step_ms_rounds": [2.0, 3.0]}]
+    throughput.add_ratios(rows)
+    assert rows[1]["x_floor_rounds"] == pytest.approx([0.5, 2 / 3])
+    assert "rounds 0.50-0.67" in throughput.goals(rows)[0]["text"]
+    assert throughput.round_range(rows[1]["x_floor_rounds"]) == " (0.50-0.67)"
+    assert throughput.round_range(rows[0]["x_floor_rounds"]) == ""  # the floor against itself
