@@ -17,6 +17,12 @@ def train_method(config: dict[str, Any], method: str, unseen: list[Any], options
     from ..training.trainer import MultiTaskTrainer
 
     cfg = run_config_from_dict(copy.deepcopy(config))
+    if cfg.train.compile:
+        import torch
+
+        # dynamo keeps at most 8 graphs per code object (the decoder's forward, shared by every run of this
+        # process), so the runs after the first few would train eager; the earlier runs' models are gone
+        torch._dynamo.reset()
     trainer = MultiTaskTrainer(cfg, progress=options.progress)
     result = trainer.train(resume=True)
     tasks = task_metrics_dict(result.eval) if result.eval is not None else {}
